@@ -1,0 +1,4 @@
+from services.effects import app
+from services.servicekit import cli
+
+cli.main(app)

@@ -1,0 +1,268 @@
+"""The one way a service starts, serves and stops.
+
+`ServiceApp` connects PostgreSQL (retrying, then migrating its own schema),
+Redis, starts Prometheus metrics, and serves grpc.aio with the standard
+health service (for "", "liveness" and each full service name), reflection
+and the service interceptor. On SIGTERM or SIGINT it turns health NOT_SERVING,
+refuses new RPCs, lets in-flight ones finish within the grace period, runs the
+shutdown hooks (flushing buffers), closes pools and returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+import grpc
+import redis.asyncio as aioredis
+from google.protobuf.descriptor import ServiceDescriptor
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import Gauge, start_http_server
+
+from . import db
+from .auth import Access
+from .config import ServiceSettings
+from .interceptors import ServiceInterceptor, TimingSink
+
+if TYPE_CHECKING:
+    from .cache import MultiLevelCache
+
+log = logging.getLogger(__name__)
+
+DEPENDENCY_UP = Gauge("service_dependency_up", "1 while a dependency answers.", ["dependency"])
+Hook = Callable[[], Awaitable[Any]]
+LIVENESS = "liveness"
+
+
+class ServiceApp:
+    def __init__(self, name: str, settings: ServiceSettings, migrations: Path | None = None) -> None:
+        self.name = name
+        self.settings = settings
+        self.schema = settings.db_schema or name
+        self.redis_prefix = settings.redis_prefix or name
+        self.migrations = migrations
+        self.pool: asyncpg.Pool | None = None
+        self.redis: aioredis.Redis | None = None
+        self.health = health_aio.HealthServicer()
+        self.port = 0
+        self.metrics_port = 0
+        self.started_at = time.time()
+        self.db_healthy = False
+        self._services: list[tuple[ServiceDescriptor, Any, Callable[[Any, grpc.aio.Server], None]]] = []
+        self._access: dict[str, Access] = {}
+        self._caches: list[MultiLevelCache] = []
+        self._shutdown_hooks: list[Hook] = []
+        self._background: list[asyncio.Task[Any]] = []
+        self._server: grpc.aio.Server | None = None
+        self._metrics_server: Any = None
+        self._stopping = asyncio.Event()
+        self.timing_sink: TimingSink | None = None
+
+    # -- resources ---------------------------------------------------------
+    async def connect(self) -> None:
+        """PostgreSQL (with retries and migrations) and Redis."""
+        s = self.settings
+        self.pool = await db.create_pool(
+            s.database_url,
+            self.schema,
+            min_size=s.db_pool_min,
+            max_size=max(s.db_pool_max, s.db_pool_min),
+            connect_timeout=s.db_connect_timeout_seconds,
+        )
+        if self.migrations is not None and s.migrate_on_start:
+            async with self.pool.acquire() as conn:
+                await db.migrate(conn, self.schema, db.load_migrations(self.migrations))
+        self.db_healthy = True
+        self.redis = aioredis.Redis.from_url(
+            s.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0, health_check_interval=15
+        )
+
+    async def cache(self, name: str, **options: Any) -> MultiLevelCache:
+        """A named multi-level cache under this service's key prefix."""
+        from .cache import MultiLevelCache
+
+        assert self.redis is not None, "connect() first"
+        cache = MultiLevelCache(self.redis, prefix=self.redis_prefix, name=name, **options)
+        await cache.start()
+        self._caches.append(cache)
+        return cache
+
+    @property
+    def caches(self) -> list[MultiLevelCache]:
+        return list(self._caches)
+
+    def add_service(
+        self,
+        descriptor: ServiceDescriptor,
+        servicer: Any,
+        add_to_server: Callable[[Any, grpc.aio.Server], None],
+        access: Mapping[str, Access],
+    ) -> None:
+        """Register a servicer; `access` names the access level of every RPC."""
+        missing = [m.name for m in descriptor.methods if m.name not in access]
+        if missing:
+            raise ValueError(f"no access level for {descriptor.full_name} methods {missing}")
+        for method, level in access.items():
+            self._access[f"/{descriptor.full_name}/{method}"] = level
+        self._services.append((descriptor, servicer, add_to_server))
+
+    def on_shutdown(self, hook: Hook) -> None:
+        """Run after the server stopped taking RPCs (flush buffers here)."""
+        self._shutdown_hooks.append(hook)
+
+    def run_in_background(self, coro: Awaitable[Any], name: str) -> None:
+        """A task cancelled at shutdown, before the shutdown hooks run."""
+        self._background.append(asyncio.ensure_future(coro))
+        self._background[-1].set_name(name)
+
+    # -- serving -----------------------------------------------------------
+    async def start(self) -> None:
+        s = self.settings
+        if self.pool is None:
+            await self.connect()
+        age_ms = int(s.max_connection_age_seconds * 1000)
+        options = [
+            ("grpc.max_receive_message_length", s.max_message_bytes),
+            ("grpc.max_send_message_length", s.max_message_bytes),
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+            ("grpc.http2.max_pings_without_data", 0),
+            # Clients reconnect (and re-resolve DNS) so new replicas get traffic.
+            ("grpc.max_connection_age_ms", age_ms),
+            ("grpc.max_connection_age_grace_ms", int(s.shutdown_grace_seconds * 1000)),
+            ("grpc.so_reuseport", 0),
+        ]
+        self._server = grpc.aio.server(
+            interceptors=[ServiceInterceptor(self._access, s.auth_jwt_secret, self._timing)],
+            options=options,
+        )
+        names = [
+            reflection.SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        ]
+        for descriptor, servicer, add in self._services:
+            add(servicer, self._server)
+            names.append(descriptor.full_name)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection(names, self._server)
+        self.port = self._server.add_insecure_port(f"{s.grpc_host}:{s.grpc_port}")
+        if self.port == 0:
+            raise RuntimeError(f"cannot listen on {s.grpc_host}:{s.grpc_port}")
+        await self._server.start()
+        await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
+        await self._set_ready(True)
+        self._metrics_server, _ = start_http_server(s.metrics_port, addr=s.grpc_host)
+        self.metrics_port = self._metrics_server.server_port
+        self.run_in_background(self._watch_database(), "watch-database")
+        log.info(
+            "serving",
+            extra={
+                "grpc_port": self.port,
+                "metrics_port": self.metrics_port,
+                "schema": self.schema,
+            },
+        )
+
+    def _timing(self, method: str, code: str, ms: float) -> None:
+        if self.timing_sink is not None:
+            self.timing_sink(method, code, ms)
+
+    async def _set_ready(self, ready: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        await self.health.set("", status)
+        for descriptor, _, _ in self._services:
+            await self.health.set(descriptor.full_name, status)
+
+    async def _watch_database(self, interval: float = 2.0) -> None:
+        """Readiness follows PostgreSQL: NOT_SERVING while it is down, back when it returns."""
+        assert self.pool is not None
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await db.ping(self.pool)
+                healthy = True
+            except Exception as exc:  # any failure to answer is "down"
+                healthy = False
+                if self.db_healthy:
+                    log.error("postgres down", extra={"error": repr(exc)})
+            DEPENDENCY_UP.labels("postgres").set(1 if healthy else 0)
+            if healthy != self.db_healthy:
+                if healthy:
+                    log.info("postgres back")
+                self.db_healthy = healthy
+                if not self._stopping.is_set():
+                    await self._set_ready(healthy)
+
+    async def dependency_status(self) -> dict[str, tuple[str, float]]:
+        """(status, check latency ms) of PostgreSQL and Redis: healthy,
+        degraded (Redis down: serving from L1) or unhealthy."""
+        out: dict[str, tuple[str, float]] = {}
+        started = time.perf_counter()
+        try:
+            assert self.pool is not None
+            await db.ping(self.pool, timeout=1.0)
+            out["postgres"] = ("healthy", (time.perf_counter() - started) * 1000)
+        except Exception:
+            out["postgres"] = ("unhealthy", (time.perf_counter() - started) * 1000)
+        started = time.perf_counter()
+        try:
+            assert self.redis is not None
+            await self.redis.ping()
+            out["redis"] = ("healthy", (time.perf_counter() - started) * 1000)
+        except Exception:
+            out["redis"] = ("degraded", (time.perf_counter() - started) * 1000)
+        DEPENDENCY_UP.labels("redis").set(1 if out["redis"][0] == "healthy" else 0)
+        return out
+
+    async def stop(self) -> None:
+        """Graceful shutdown; safe to call more than once."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        log.info("shutting down", extra={"grace_seconds": self.settings.shutdown_grace_seconds})
+        await self.health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(self.settings.shutdown_grace_seconds)
+        for task in self._background:
+            task.cancel()
+        for task in self._background:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for hook in self._shutdown_hooks:
+            try:
+                await hook()
+            except Exception:
+                log.exception("shutdown hook failed")
+        for cache in self._caches:
+            await cache.close()
+        if self.redis is not None:
+            await self.redis.aclose()
+        if self.pool is not None:
+            await self.pool.close()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+        log.info("stopped")
+
+    async def serve_forever(self) -> None:
+        """Start, wait for SIGTERM or SIGINT, shut down gracefully."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        await stop.wait()
+        await self.stop()
