@@ -68,18 +68,18 @@ async def start_service(
     async def start(module: Any, **overrides: Any) -> ServiceApp:
         name = unique_name(module.__name__.split(".")[-2])
         settings_cls: type[ServiceSettings] = module.SETTINGS
-        settings = settings_cls(
-            database_url=DATABASE_URL,
-            redis_url=REDIS_URL,
-            db_schema=name,
-            redis_prefix=name,
-            auth_jwt_secret=JWT_SECRET,
-            grpc_host="127.0.0.1",
-            grpc_port=0,
-            metrics_port=0,
-            shutdown_grace_seconds=5,
-            **overrides,
-        )
+        values: dict[str, Any] = {
+            "database_url": DATABASE_URL,
+            "redis_url": REDIS_URL,
+            "db_schema": name,
+            "redis_prefix": name,
+            "auth_jwt_secret": JWT_SECRET,
+            "grpc_host": "127.0.0.1",
+            "grpc_port": 0,
+            "metrics_port": 0,
+            "shutdown_grace_seconds": 5,
+        }
+        settings = settings_cls(**{**values, **overrides})
         app = ServiceApp(module.NAME, settings, module.MIGRATIONS)
         await app.connect()
         await module.wire(app)

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RUN_ID = uuid.uuid4().hex[:8]
 DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-JWT_SECRET = "test-secret-0123456789"
+JWT_SECRET = "test-secret-0123456789-0123456789-abc"
 
 _counter = 0
 

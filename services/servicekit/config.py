@@ -31,7 +31,7 @@ class ServiceSettings(BaseSettings):
     grpc_host: str = "0.0.0.0"
     grpc_port: int = Field(0, ge=0, le=65535)
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port; 0 picks a free one.")
-    auth_jwt_secret: str = Field("dev-secret-change-me", min_length=8)
+    auth_jwt_secret: str = Field("cosnap-development-secret-change-me!", min_length=32)
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR|debug|info|warning|error)$")
     shutdown_grace_seconds: float = Field(10.0, gt=0, le=300)
     db_pool_min: int = Field(1, ge=0, le=100)
