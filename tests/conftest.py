@@ -90,3 +90,29 @@ async def start_service(
     yield start
     for app in apps:
         await app.stop()
+
+
+StartEdge = Callable[..., Awaitable[str]]
+
+
+@pytest.fixture
+async def start_edge() -> AsyncIterator[StartEdge]:
+    """Start the local REST edge in front of running services:
+    `base_url = await start_edge(app1, app2, ...)`."""
+    from aiohttp.test_utils import TestServer
+
+    from gateway.app import create_app
+    from gateway.config import Settings
+
+    servers: list[TestServer] = []
+
+    async def start(*apps: ServiceApp, **settings: Any) -> str:
+        backends = {name: f"127.0.0.1:{app.port}" for app in apps for name in app.service_names}
+        server = TestServer(create_app(Settings(backends=backends, port=0, **settings)), host="127.0.0.1")
+        await server.start_server()
+        servers.append(server)
+        return str(server.make_url("")).rstrip("/")
+
+    yield start
+    for server in servers:
+        await server.close()

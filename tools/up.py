@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-LOCAL = ROOT / ".local"
+LOCAL = Path(os.environ.get("COSNAP_LOCAL_DIR") or ROOT / ".local")
 SERVICES = {
     # name: (proto service, gRPC port variable, default, metrics port variable, default)
     "analytics": (

@@ -97,6 +97,11 @@ class ServiceApp:
         return cache
 
     @property
+    def service_names(self) -> list[str]:
+        """Full names of the services this app serves (besides health and reflection)."""
+        return [descriptor.full_name for descriptor, _, _ in self._services]
+
+    @property
     def caches(self) -> list[MultiLevelCache]:
         return list(self._caches)
 

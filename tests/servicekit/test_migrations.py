@@ -64,7 +64,7 @@ async def test_changed_migration_is_refused(tmp_path: Path, schema: str) -> None
 
 def test_bad_file_names_and_duplicate_versions_are_refused(tmp_path: Path) -> None:
     write(tmp_path, "init.sql", "SELECT 1;")
-    with pytest.raises(ValueError, match="0001_name.sql"):
+    with pytest.raises(ValueError, match=r"0001_name\.sql"):
         db.load_migrations(tmp_path)
     (tmp_path / "init.sql").unlink()
     write(tmp_path, "0001_a.sql", "SELECT 1;")

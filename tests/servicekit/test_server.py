@@ -198,3 +198,14 @@ def test_json_logs_carry_the_request_id() -> None:
     assert data["request_id"] == "req-123"
     assert data["service"] == "probe"
     assert data["endpoint"] == "/a/b"
+
+
+async def test_auth_errors_through_the_edge_are_json(probe: Any, start_edge: Any) -> None:
+    import aiohttp
+
+    app, _ = probe
+    base = await start_edge(app)
+    async with aiohttp.ClientSession() as http, http.get(f"{base}/api/analytics/performance/alerts") as r:
+        assert r.status == 401  # admin endpoint, no token
+        body = await r.json()
+        assert body["code"] == grpc.StatusCode.UNAUTHENTICATED.value[0]
