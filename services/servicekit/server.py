@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 import grpc
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
@@ -82,8 +84,13 @@ class ServiceApp:
             async with self.pool.acquire() as conn:
                 await db.migrate(conn, self.schema, db.load_migrations(self.migrations))
         self.db_healthy = True
+        # One quick retry: after a Redis restart each pooled socket fails once.
         self.redis = aioredis.Redis.from_url(
-            s.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0, health_check_interval=15
+            s.redis_url,
+            socket_timeout=1.0,
+            socket_connect_timeout=1.0,
+            health_check_interval=15,
+            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=1),
         )
 
     async def cache(self, name: str, **options: Any) -> MultiLevelCache:

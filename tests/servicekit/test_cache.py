@@ -1,0 +1,461 @@
+"""MultiLevelCache against real Redis: the shared one (TEST_REDIS_URL) and private redis-servers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+from uuid import uuid4
+
+import pytest
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from services.servicekit.cache import CACHE_REQUESTS, MultiLevelCache, bytes_passthrough
+
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+RUN_PREFIX = f"test-{uuid4().hex[:8]}"
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+
+def _client(url: str, **kwargs: Any) -> aioredis.Redis:
+    return aioredis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5, **kwargs)
+
+
+async def _eventually(check: Callable[[], Awaitable[bool] | bool], timeout: float = 2.0) -> None:
+    """Poll ``check`` until it is true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(0.02)
+
+
+class Loader:
+    """Counts its calls; returns the next value, or raises ``error`` if set."""
+
+    def __init__(self, value: Any = "v", delay: float = 0.0) -> None:
+        self.value = value
+        self.delay = delay
+        self.calls = 0
+        self.error: Exception | None = None
+
+    async def __call__(self) -> Any:
+        self.calls += 1
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+class RedisServer:
+    """A private, throw-away redis-server on a free port (no persistence)."""
+
+    def __init__(self) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            REDIS_SERVER,
+            *("--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                writer.write(b"PING\r\n")
+                pong = await asyncio.wait_for(reader.readline(), 0.5)
+                writer.close()
+                if pong.startswith(b"+PONG"):
+                    return
+            except (OSError, TimeoutError):
+                pass
+            if time.monotonic() > deadline or self.proc.returncode is not None:
+                raise RuntimeError(f"redis-server did not start on port {self.port}")
+            await asyncio.sleep(0.02)
+
+    async def kill(self) -> None:
+        """SIGKILL: no shutdown, clients just see their sockets die."""
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGKILL)
+            await self.proc.wait()
+        self.proc = None
+
+
+@pytest.fixture
+async def redis_client() -> AsyncIterator[aioredis.Redis]:
+    client = _client(REDIS_URL)
+    yield client
+    keys = [k async for k in client.scan_iter(match=f"{RUN_PREFIX}:*", count=1000)]
+    if keys:
+        await client.delete(*keys)
+    await client.aclose()
+
+
+@pytest.fixture
+async def private_redis() -> AsyncIterator[RedisServer]:
+    server = RedisServer()
+    await server.start()
+    yield server
+    await server.kill()
+
+
+@pytest.fixture
+async def make_cache(redis_client: aioredis.Redis) -> AsyncIterator[Callable[..., Any]]:
+    """Factory of started caches (closed at teardown); default client is the shared Redis."""
+    caches: list[MultiLevelCache[Any]] = []
+
+    async def make(name: str, *, client: aioredis.Redis | None = None, **kwargs: Any) -> MultiLevelCache[Any]:
+        kwargs.setdefault("l2_timeout", 0.5)
+        kwargs.setdefault("retry_backoff", 0.1)
+        kwargs.setdefault("retry_backoff_max", 0.3)
+        cache: MultiLevelCache[Any] = MultiLevelCache(
+            client or redis_client, prefix=RUN_PREFIX, name=name, **kwargs
+        )
+        await cache.start()
+        assert cache.subscribed
+        caches.append(cache)
+        return cache
+
+    yield make
+    for cache in caches:
+        await cache.close()
+
+
+def _name() -> str:
+    return f"c{uuid4().hex[:6]}"
+
+
+async def test_l1_hit_does_not_touch_redis(private_redis: RedisServer, make_cache: Any) -> None:
+    client = _client(private_redis.url)
+    try:
+        cache = await make_cache(_name(), client=client, l1_ttl=0.3)
+        await cache.set("k", {"a": 1}, ttl=60)
+        assert await client.get(cache.redis_key("k")) == b'{"a":1}'
+
+        # Hot hits: count the commands the private server processes meanwhile.
+        await client.config_resetstat()
+        for _ in range(200):
+            assert await cache.get("k") == {"a": 1}
+            assert await cache.get_or_load("k", Loader(), ttl=60) == {"a": 1}
+        stats = await client.info("commandstats")
+        assert all(k.startswith("cmdstat_config") for k in stats), stats  # only CONFIG RESETSTAT
+        assert cache.stats()["l1_hits"] == 400
+
+        # The Redis key is deleted behind the cache's back: L1 still answers until its TTL.
+        await client.delete(cache.redis_key("k"))
+        assert await cache.get("k") == {"a": 1}
+        await asyncio.sleep(0.35)
+        assert await cache.get("k") is None
+        assert cache.stats()["misses"] == 1
+    finally:
+        await client.aclose()
+
+
+async def test_l2_hit_from_a_second_instance(make_cache: Any, redis_client: aioredis.Redis) -> None:
+    name = _name()
+    a = await make_cache(name)
+    b = await make_cache(name)
+    loader_a, loader_b = Loader({"n": 1}), Loader({"n": 2})
+    assert await a.get_or_load("k", loader_a, ttl=30) == {"n": 1}
+    assert await b.get_or_load("k", loader_b, ttl=30) == {"n": 1}
+    assert (loader_a.calls, loader_b.calls) == (1, 0)
+    assert b.stats()["l2_hits"] == 1 and b.stats()["misses"] == 0
+    # B now holds it in L1, with the remaining Redis TTL.
+    assert await b.get_or_load("k", loader_b, ttl=30) == {"n": 1}
+    assert b.stats()["l1_hits"] == 1
+    assert a.stats()["hits"] == 0 and a.stats()["misses"] == 1 and a.stats()["loads"] == 1
+    assert CACHE_REQUESTS.labels(name, "l2", "hit")._value.get() == 1
+    assert await redis_client.exists(f"{RUN_PREFIX}:cache:{name}:k") == 1
+
+
+async def test_ttl_callable_per_value_in_l1_and_l2(make_cache: Any, redis_client: aioredis.Redis) -> None:
+    cache = await make_cache(_name())
+
+    def ttl_of(task: dict[str, str]) -> float:
+        return {"running": 0.3, "done": 30.0, "failed": 0.0}[task["state"]]
+
+    running, done, failed = (
+        Loader({"state": "running"}),
+        Loader({"state": "done"}),
+        Loader({"state": "failed"}),
+    )
+    assert await cache.get_or_load("t1", running, ttl_of) == {"state": "running"}
+    assert await cache.get_or_load("t2", done, ttl_of) == {"state": "done"}
+    assert await cache.get_or_load("t3", failed, ttl_of) == {"state": "failed"}
+
+    assert 0 < await redis_client.pttl(cache.redis_key("t1")) <= 300
+    assert 29_000 < await redis_client.pttl(cache.redis_key("t2")) <= 30_000
+    assert await redis_client.exists(cache.redis_key("t3")) == 0  # ttl 0: not cached
+
+    for _ in range(3):
+        await cache.get_or_load("t1", running, ttl_of)
+        await cache.get_or_load("t2", done, ttl_of)
+        await cache.get_or_load("t3", failed, ttl_of)
+    assert (running.calls, done.calls, failed.calls) == (1, 1, 4)
+
+    await asyncio.sleep(0.35)
+    assert await redis_client.exists(cache.redis_key("t1")) == 0  # expired in L2 ...
+    assert await cache.get("t1") is None  # ... and in L1
+    await cache.get_or_load("t1", running, ttl_of)
+    assert running.calls == 2
+    assert await cache.get("t2") == {"state": "done"}
+
+    # set() with an explicit TTL; an L2 hit gives L1 only the remaining Redis TTL.
+    await cache.set("s", [1, 2], ttl=0.3)
+    assert 0 < await redis_client.pttl(cache.redis_key("s")) <= 300
+    other = await make_cache(cache.name)
+    assert await other.get("s") == [1, 2]
+    await asyncio.sleep(0.35)
+    assert await cache.get("s") is None
+    assert await other.get("s") is None
+
+
+async def test_l1_ttl_caps_the_entry_ttl(make_cache: Any, redis_client: aioredis.Redis) -> None:
+    cache = await make_cache(_name(), l1_ttl=0.2)
+    loader = Loader("x")
+    await cache.get_or_load("k", loader, ttl=30)
+    assert await redis_client.pttl(cache.redis_key("k")) > 29_000  # L2 keeps the entry TTL
+    await redis_client.set(cache.redis_key("k"), b'"changed"', px=30_000)
+    assert await cache.get("k") == "x"
+    await asyncio.sleep(0.25)
+    assert await cache.get("k") == "changed"  # L1 expired at its cap, refilled from L2
+    assert loader.calls == 1
+
+
+async def test_single_flight(make_cache: Any) -> None:
+    cache = await make_cache(_name())
+    loader = Loader({"big": True}, delay=0.05)
+    results = await asyncio.gather(*(cache.get_or_load("k", loader, ttl=10) for _ in range(50)))
+    assert loader.calls == 1
+    assert results == [{"big": True}] * 50
+    assert cache.stats()["coalesced"] == 49 and cache.stats()["misses"] == 1
+
+    # An error reaches every waiter, is not cached, and the next call retries.
+    failing = Loader(delay=0.05)
+    failing.error = RuntimeError("db down")
+    outcomes = await asyncio.gather(
+        *(cache.get_or_load("e", failing, ttl=10) for _ in range(50)), return_exceptions=True
+    )
+    assert failing.calls == 1
+    assert all(isinstance(o, RuntimeError) and str(o) == "db down" for o in outcomes)
+    failing.error = None
+    failing.value = "ok"
+    assert await cache.get_or_load("e", failing, ttl=10) == "ok"
+    assert failing.calls == 2
+    assert cache.stats()["load_errors"] == 1
+
+
+async def test_cancelling_one_waiter_does_not_cancel_the_load(make_cache: Any) -> None:
+    cache = await make_cache(_name())
+    loader = Loader("v", delay=0.1)
+    first = asyncio.create_task(cache.get_or_load("k", loader, ttl=10))
+    second = asyncio.create_task(cache.get_or_load("k", loader, ttl=10))
+    await asyncio.sleep(0.02)
+    first.cancel()
+    assert await second == "v"
+    assert first.cancelled()
+    assert loader.calls == 1
+    assert await cache.get("k") == "v"
+
+
+async def test_invalidation_reaches_other_instances(make_cache: Any, redis_client: aioredis.Redis) -> None:
+    name = _name()
+    a = await make_cache(name)
+    b = await make_cache(name)
+    loader_a, loader_b = Loader("old"), Loader("old")
+    await a.get_or_load("k", loader_a, ttl=30)
+    await b.get_or_load("k", loader_b, ttl=30)  # L2 hit, now in B's L1 as well
+    assert b.stats()["l2_hits"] == 1
+
+    loader_a.value = loader_b.value = "new"
+    await a.invalidate("k")
+    assert await redis_client.exists(a.redis_key("k")) == 0
+    assert await a.get("k") is None  # A dropped its own entry immediately
+    await _eventually(lambda: b.stats()["invalidations_received"] == 1)
+    assert await b.get_or_load("k", loader_b, ttl=30) == "new"
+    assert loader_b.calls == 1
+
+    # set() on one instance also replaces the others' L1 copy.
+    await a.set("k", "newest", ttl=30)
+    await _eventually(lambda: b.stats()["invalidations_received"] == 2)
+    assert await b.get("k") == "newest"
+
+    # invalidate_prefix drops matching keys on every level and instance.
+    for key in ("user:1", "user:2", "other"):
+        await a.set(key, key, ttl=30)
+        assert await b.get(key) == key
+    await b.invalidate_prefix("user:")
+    assert await redis_client.exists(a.redis_key("user:1"), a.redis_key("user:2")) == 0
+    await _eventually(lambda: a.stats()["invalidations_received"] == 1)
+    assert await a.get("user:1") is None and await b.get("user:2") is None
+    assert await a.get("other") == "other"
+
+
+async def test_invalidation_during_load_is_not_overwritten(make_cache: Any) -> None:
+    cache = await make_cache(_name())
+    loader = Loader("stale", delay=0.1)
+    task = asyncio.create_task(cache.get_or_load("k", loader, ttl=30))
+    await asyncio.sleep(0.02)
+    await cache.invalidate("k")
+    assert await task == "stale"  # the caller still gets its answer ...
+    assert await cache.get("k") is None  # ... but it is not cached
+
+
+async def test_l1_lru_bound(make_cache: Any, redis_client: aioredis.Redis) -> None:
+    cache = await make_cache(_name(), l1_max_entries=3)
+    for key in ("a", "b", "c"):
+        await cache.set(key, key, ttl=30)
+    assert await cache.get("a") == "a"  # a is now the most recently used
+    await cache.set("d", "d", ttl=30)  # evicts b
+    assert cache.stats()["l1_size"] == 3
+    await redis_client.delete(*(cache.redis_key(k) for k in "abcd"))  # only L1 can answer now
+    assert await cache.get("b") is None
+    assert [await cache.get(k) for k in ("a", "c", "d")] == ["a", "c", "d"]
+
+
+async def test_bytes_passthrough(make_cache: Any, redis_client: aioredis.Redis) -> None:
+    name = _name()
+    a = await make_cache(name, serializer=bytes_passthrough, deserializer=bytes_passthrough)
+    b = await make_cache(name, serializer=bytes_passthrough, deserializer=bytes_passthrough)
+    await a.set("png", b"\x89PNG\x00\xff", ttl=30)
+    assert await redis_client.get(a.redis_key("png")) == b"\x89PNG\x00\xff"
+    assert await b.get("png") == b"\x89PNG\x00\xff"
+
+
+async def test_redis_outage_and_recovery(
+    private_redis: RedisServer, make_cache: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    client_a, client_b, probe = (
+        _client(private_redis.url),
+        _client(private_redis.url),
+        _client(private_redis.url, retry=Retry(NoBackoff(), 2)),  # survives its stale socket
+    )
+    try:
+        name = _name()
+        a = await make_cache(name, client=client_a)
+        b = await make_cache(name, client=client_b)
+        await a.set("hot", "hot-value", ttl=60)
+        assert await probe.get(a.redis_key("hot")) == b'"hot-value"'
+
+        await private_redis.kill()
+        caplog.set_level(logging.WARNING, logger="services.servicekit.cache")
+        started = time.monotonic()
+        assert await a.get("hot") == "hot-value"  # L1 hit
+        loader = Loader("from-db")
+        for i in range(20):
+            assert await a.get_or_load(f"cold{i}", loader, ttl=60) == "from-db"  # L1 miss
+        assert loader.calls == 20
+        assert await a.get("never-set") is None
+        await a.set("written", "w", ttl=60)  # L1 only, no error
+        await a.invalidate("hot")  # local now; replayed on recovery
+        assert await a.get("written") == "w"
+        assert not a.redis_available
+        assert time.monotonic() - started < 1.5  # no per-call connect timeouts
+        # Single-flight still holds without Redis.
+        slow = Loader("x", delay=0.05)
+        await asyncio.gather(*(a.get_or_load("sf", slow, ttl=60) for _ in range(20)))
+        assert slow.calls == 1
+        await _eventually(lambda: not b.redis_available and not b.subscribed)
+        outage_warnings = [r for r in caplog.records if "Redis unavailable" in r.getMessage()]
+        assert len(outage_warnings) == 2, outage_warnings  # once per instance, not per call
+
+        await private_redis.start()  # same port, empty data set
+        await _eventually(lambda: a.redis_available and b.redis_available, timeout=5)
+        await _eventually(lambda: a.subscribed and b.subscribed, timeout=5)
+
+        # Back to normal: writes reach Redis again ...
+        await a.set("after", {"ok": True}, ttl=60)
+        assert await probe.get(a.redis_key("after")) == b'{"ok":true}'
+        assert await b.get("after") == {"ok": True}
+        # ... and invalidation broadcasts flow between the instances again.
+        await a.invalidate("after")
+        await _eventually(lambda: b.stats()["l1_size"] == 0)
+        assert await b.get("after") is None
+        assert len([r for r in caplog.records if "Redis unavailable" in r.getMessage()]) == 2
+    finally:
+        for client in (client_a, client_b, probe):
+            await client.aclose()
+
+
+async def test_stalled_redis_times_out_and_invalidations_are_replayed(
+    private_redis: RedisServer, make_cache: Any
+) -> None:
+    """A frozen server (SIGSTOP) costs at most l2_timeout once; missed invalidations are replayed."""
+    assert private_redis.proc is not None
+    client_a, client_b = _client(private_redis.url), _client(private_redis.url)
+    try:
+        name = _name()
+        opts = {"l2_timeout": 0.2, "retry_backoff": 0.5, "retry_backoff_max": 0.5}
+        a = await make_cache(name, client=client_a, **opts)
+        b = await make_cache(name, client=client_b, **opts)
+        await a.set("k", "old", ttl=60)
+        await _eventually(lambda: b.stats()["invalidations_received"] == 1)  # set() broadcasts too
+        assert await b.get("k") == "old"
+
+        private_redis.proc.send_signal(signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            assert await a.get("missing") is None  # times out after l2_timeout
+            assert not a.redis_available
+            await a.invalidate("k")  # inside the backoff window: nothing sent, kept for replay
+            assert await a.get_or_load("k", Loader("new"), ttl=60) == "new"
+            assert time.monotonic() - started < 0.5
+            assert await b.get("k") == "old"  # B cannot hear about it yet
+        finally:
+            private_redis.proc.send_signal(signal.SIGCONT)
+
+        await _eventually(lambda: a.redis_available, timeout=3)
+        await _eventually(lambda: b.stats()["invalidations_received"] == 2)  # the replay
+        assert await client_a.exists(a.redis_key("k")) == 0
+        assert await b.get_or_load("k", Loader("newer"), ttl=60) == "newer"
+    finally:
+        for client in (client_a, client_b):
+            await client.aclose()
+
+
+async def test_start_while_redis_is_down_then_recover(private_redis: RedisServer, make_cache: Any) -> None:
+    await private_redis.kill()
+    client = _client(private_redis.url)
+    try:
+        cache: MultiLevelCache[Any] = MultiLevelCache(
+            client, prefix=RUN_PREFIX, name=_name(), l2_timeout=0.5, retry_backoff=0.1, retry_backoff_max=0.3
+        )
+        await cache.start(wait=0.3)  # does not raise
+        try:
+            assert not cache.subscribed
+            assert await cache.get_or_load("k", Loader("v"), ttl=30) == "v"
+            await _eventually(lambda: not cache.redis_available)
+            await private_redis.start()
+            await _eventually(lambda: cache.subscribed and cache.redis_available, timeout=5)
+            await cache.set("k2", "v2", ttl=30)
+            assert await client.get(cache.redis_key("k2")) == b'"v2"'
+        finally:
+            await cache.close()
+    finally:
+        await client.aclose()
+
+
+def test_rejects_decoding_client() -> None:
+    client = aioredis.Redis.from_url(REDIS_URL, decode_responses=True)
+    with pytest.raises(ValueError, match="decode_responses"):
+        MultiLevelCache(client, prefix=RUN_PREFIX, name="x")
