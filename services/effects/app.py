@@ -27,6 +27,8 @@ ACCESS = {
 class EffectsSettings(ServiceSettings):
     grpc_port: int = Field(50052, ge=0, le=65535)
     metrics_port: int = Field(9102, ge=0, le=65535)
+    # Uploads are up to 30 MiB of image bytes in one message.
+    max_message_bytes: int = Field(32 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024)
 
 
 async def wire(app: ServiceApp) -> None:
