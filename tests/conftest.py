@@ -12,6 +12,7 @@ from typing import Any
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
+from aiohttp.test_utils import TestClient, TestServer
 
 from services.servicekit.auth import issue_token
 from services.servicekit.config import ServiceSettings
@@ -92,27 +93,35 @@ async def start_service(
         await app.stop()
 
 
-StartEdge = Callable[..., Awaitable[str]]
+EdgeFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
 
 
 @pytest.fixture
-async def start_edge() -> AsyncIterator[StartEdge]:
-    """Start the local REST edge in front of running services:
-    `base_url = await start_edge(app1, app2, ...)`."""
-    from aiohttp.test_utils import TestServer
-
+async def make_edge() -> AsyncIterator[EdgeFactory]:
+    """`client = await make_edge(backends={...}, **settings)`: the REST edge on a test server."""
     from gateway.app import create_app
     from gateway.config import Settings
 
-    servers: list[TestServer] = []
+    clients: list[TestClient[Any, Any]] = []
+
+    async def make(**overrides: Any) -> TestClient[Any, Any]:
+        client: TestClient[Any, Any] = TestClient(TestServer(create_app(Settings(**overrides))))
+        await client.start_server()
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        await client.close()
+
+
+@pytest.fixture
+async def start_edge(make_edge: EdgeFactory) -> Callable[..., Awaitable[str]]:
+    """The REST edge in front of running services: `base_url = await start_edge(app, ...)`."""
 
     async def start(*apps: ServiceApp, **settings: Any) -> str:
         backends = {name: f"127.0.0.1:{app.port}" for app in apps for name in app.service_names}
-        server = TestServer(create_app(Settings(backends=backends, port=0, **settings)), host="127.0.0.1")
-        await server.start_server()
-        servers.append(server)
-        return str(server.make_url("")).rstrip("/")
+        client = await make_edge(backends=backends, **settings)
+        return str(client.make_url("")).rstrip("/")
 
-    yield start
-    for server in servers:
-        await server.close()
+    return start

@@ -7,12 +7,11 @@ from typing import Any
 
 import grpc
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
 from cosnap.analytics.v1 import analytics_pb2_grpc
 from cosnap.effects.v1 import effects_pb2_grpc
 from cosnap.monitoring.v1 import monitoring_pb2_grpc
-from gateway import Settings, create_app
 from tests.gateway.backends import (
     ANALYTICS,
     EFFECTS,
@@ -69,22 +68,6 @@ async def backends() -> AsyncIterator[Backends]:
 def backend(backends: Backends) -> Backend:
     backends.backend.reset()
     return backends.backend
-
-
-@pytest.fixture
-async def make_edge() -> AsyncIterator[EdgeFactory]:
-    """`client = await make_edge(backends={...}, **settings)`: an edge app on a test server."""
-    clients: list[TestClient[Any, Any]] = []
-
-    async def make(**overrides: Any) -> TestClient[Any, Any]:
-        client: TestClient[Any, Any] = TestClient(TestServer(create_app(Settings(**overrides))))
-        await client.start_server()
-        clients.append(client)
-        return client
-
-    yield make
-    for client in clients:
-        await client.close()
 
 
 @pytest.fixture
