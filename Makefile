@@ -29,7 +29,7 @@ gen: build/.generated
 up: build/.generated
 	$(PY) tools/up.py
 
-test: build/.generated
+test: lint
 	$(PY) -m pytest -q
 
 bench: build/.generated
