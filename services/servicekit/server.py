@@ -22,13 +22,13 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 import grpc
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import Gauge, start_http_server
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 
 from . import db
 from .auth import Access
