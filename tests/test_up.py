@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -60,7 +63,17 @@ def stop_up(proc: subprocess.Popen[str], lines: list[str]) -> None:
             proc.kill()
 
 
-def test_make_up_runs_the_suite_on_embedded_servers(tmp_path: Path) -> None:
+@pytest.fixture
+def local_dir() -> Iterator[Path]:
+    """A data folder outside pytest's private (0700) tmp tree: as root, pgserver
+    runs PostgreSQL as its own unprivileged user, which must reach the folder."""
+    folder = Path(tempfile.mkdtemp(prefix="cosnap-up-"))
+    folder.chmod(0o755)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_make_up_runs_the_suite_on_embedded_servers(local_dir: Path) -> None:
     ports = {
         "EDGE_PORT": free_port(),
         "ANALYTICS_GRPC_PORT": free_port(),
@@ -71,7 +84,7 @@ def test_make_up_runs_the_suite_on_embedded_servers(tmp_path: Path) -> None:
         "MONITORING_METRICS_PORT": free_port(),
     }
     for attempt in range(2):  # the second start finds the data of the first
-        proc, lines = start_up(tmp_path / "local", ports)
+        proc, lines = start_up(local_dir / "local", ports)
         try:
             output = "".join(lines)
             assert f"http://127.0.0.1:{ports['EDGE_PORT']}" in output
@@ -93,5 +106,5 @@ def test_make_up_runs_the_suite_on_embedded_servers(tmp_path: Path) -> None:
                 assert b"grpc_server_handling_seconds" in r.read()
         finally:
             stop_up(proc, lines)
-        assert (tmp_path / "local" / "pgdata" / "PG_VERSION").exists(), attempt
+        assert (local_dir / "local" / "pgdata" / "PG_VERSION").exists(), attempt
     assert "stopped" in "".join(lines)
