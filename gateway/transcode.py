@@ -225,16 +225,20 @@ class Transcoder:
                 for other in reply.DESCRIPTOR.fields:
                     if other is not fd:
                         only.ClearField(other.name)
-                printed = self.to_dict(only).get(fd.json_name, [] if fd.is_repeated else None)
+                printed = self.to_dict(only, with_defaults=True).get(fd.json_name)
                 return _dumps(printed), "application/json"
             target = getattr(reply, fd.name)
         if target.DESCRIPTOR.full_name == HTTP_BODY:
             content_type = target.content_type or "application/octet-stream"
             return bytes(target.data), content_type
-        return _dumps(self.to_dict(target)), "application/json"
+        # Replies print zero values too (Envoy's always_print_primitive_fields),
+        # so `{"accepted": 1, "duplicates": 0}` keeps the shape API.md promises.
+        return _dumps(self.to_dict(target, with_defaults=True)), "application/json"
 
-    def to_dict(self, message: Message) -> dict[str, Any]:
-        return json_format.MessageToDict(message, descriptor_pool=self.pool)
+    def to_dict(self, message: Message, with_defaults: bool = False) -> dict[str, Any]:
+        return json_format.MessageToDict(
+            message, descriptor_pool=self.pool, always_print_fields_with_no_presence=with_defaults
+        )
 
 
 def _key(chain: list[FieldDescriptor]) -> str:

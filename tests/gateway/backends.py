@@ -130,7 +130,7 @@ class Effects(effects_pb2_grpc.EffectsServiceServicer):
             size_bytes=len(request.file.data),
         )
 
-    def _task(self, task_id: str, status: int, **extra: Any) -> Any:
+    def _task(self, task_id: str, status: str, **extra: Any) -> Any:
         return effects_pb2.Task(
             task_id=task_id,
             status=status,
@@ -142,7 +142,7 @@ class Effects(effects_pb2_grpc.EffectsServiceServicer):
         await self.b.seen("CreateTask", request, context)
         task = self._task(
             "task-1",
-            effects_pb2.Task.STATUS_QUEUED,
+            "QUEUED",
             effect_id=request.effect_id,
             request_id=request.request_id,
             region=request.region,
@@ -152,12 +152,12 @@ class Effects(effects_pb2_grpc.EffectsServiceServicer):
     async def GetTask(self, request: Any, context: Any) -> Any:
         await self.b.seen("GetTask", request, context)
         output = effects_pb2.TaskOutput(url="https://cdn/x.png", file_type="png", node_id="9")
-        task = self._task(request.task_id, effects_pb2.Task.STATUS_RUNNING, outputs=[output])
+        task = self._task(request.task_id, "RUNNING", outputs=[output])
         return effects_pb2.GetTaskResponse(task=task)
 
     async def CancelTask(self, request: Any, context: Any) -> Any:
         await self.b.seen("CancelTask", request, context)
-        task = self._task(request.task_id, effects_pb2.Task.STATUS_CANCELLED)
+        task = self._task(request.task_id, "CANCELLED")
         return effects_pb2.CancelTaskResponse(task=task)
 
     async def HandleRunningHubWebhook(self, request: Any, context: Any) -> Any:
