@@ -1,11 +1,14 @@
 -- Analytics storage: raw rows partitioned by day, idempotency keys, and the
 -- rollups the dashboard reads instead of raw rows. Unqualified names: the
 -- migration runs with search_path set to the service's schema.
+--
+-- Ids are opaque: id columns that are indexed, sorted or grouped use the "C"
+-- collation (byte order), which keeps B-tree inserts and sorts cheap.
 
 -- Raw engagement events (the product's UserEvent).
 CREATE TABLE events (
     event_id    text        NOT NULL,
-    session_id  text        NOT NULL,
+    session_id  text COLLATE "C" NOT NULL,
     user_id     text,
     event_type  text        NOT NULL,
     page        text,
@@ -20,8 +23,8 @@ CREATE INDEX events_occurred_brin ON events USING brin (occurred_at);
 -- (name, metric_id): a later report updates the row in place, in the
 -- partition of the first report (metric_keys remembers where it is).
 CREATE TABLE metrics (
-    name            text             NOT NULL,
-    metric_id       text             NOT NULL,
+    name            text COLLATE "C" NOT NULL,
+    metric_id       text COLLATE "C" NOT NULL,
     session_id      text             NOT NULL,
     user_id         text,
     value           double precision NOT NULL,
@@ -39,7 +42,7 @@ CREATE INDEX metrics_occurred_brin ON metrics USING brin (occurred_at);
 -- Raw funnel steps (the product's ConversionFunnel). step is 1..9.
 CREATE TABLE funnel_steps (
     step_id     text        NOT NULL,
-    session_id  text        NOT NULL,
+    session_id  text COLLATE "C" NOT NULL,
     user_id     text,
     step        smallint    NOT NULL CHECK (step BETWEEN 1 AND 9),
     effect_id   text,
@@ -55,19 +58,24 @@ CREATE INDEX funnel_steps_session ON funnel_steps (session_id, occurred_at);
 -- (a re-sent event without a timestamp gets a new server time). Rows older
 -- than the retention are deleted by the partition maintenance.
 CREATE TABLE event_keys (
-    event_id    text PRIMARY KEY,
+    event_id    text COLLATE "C" PRIMARY KEY,
     occurred_at timestamptz NOT NULL
 );
 CREATE TABLE step_keys (
-    step_id     text PRIMARY KEY,
+    step_id     text COLLATE "C" PRIMARY KEY,
     occurred_at timestamptz NOT NULL
 );
+-- metric_keys holds the current value of each (name, metric_id) and where its
+-- rollup contribution sits (bucket from occurred_at, page, sketch bin, rating),
+-- so that a later report can move that contribution.
 CREATE TABLE metric_keys (
-    name        text             NOT NULL,
-    metric_id   text             NOT NULL,
+    name        text COLLATE "C" NOT NULL,
+    metric_id   text COLLATE "C" NOT NULL,
     occurred_at timestamptz      NOT NULL,
     value       double precision NOT NULL,
     page        text             NOT NULL DEFAULT '',
+    bin         integer          NOT NULL,
+    rating      text,
     PRIMARY KEY (name, metric_id)
 );
 CREATE INDEX metric_keys_occurred ON metric_keys (occurred_at);
@@ -110,7 +118,7 @@ CREATE TABLE rollup_events (
 -- window from these much smaller rows, not from raw events).
 CREATE TABLE rollup_sessions (
     hour_start timestamptz NOT NULL,
-    session_id text        NOT NULL,
+    session_id text COLLATE "C" NOT NULL,
     user_id    text,
     PRIMARY KEY (hour_start, session_id)
 );

@@ -1,0 +1,37 @@
+"""`python -m bench [--scale S] [--only ingest|dashboard]`: every benchmark, small enough
+for 2 cores in a few minutes at scale 1; `--scale` scales the work up."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+from typing import Any
+
+from bench import ingest
+
+
+async def main(scale: float, only: str | None) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    if only in (None, "ingest"):
+        results["ingest"] = await ingest.run(scale)
+        ingest.print_result(results["ingest"])
+    if only in (None, "dashboard") and importlib.util.find_spec("bench.dashboard") is not None:
+        from bench import dashboard
+
+        results["dashboard"] = await dashboard.run(scale)
+        show = getattr(dashboard, "_print", None)
+        if callable(show):
+            show(results["dashboard"])
+        else:
+            print(json.dumps(results["dashboard"], default=str))
+    return results
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m bench")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiplies the work of every benchmark")
+    parser.add_argument("--only", choices=["ingest", "dashboard"], default=None)
+    args = parser.parse_args()
+    asyncio.run(main(args.scale, args.only))

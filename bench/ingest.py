@@ -1,0 +1,297 @@
+"""Ingest benchmark: events/s through gRPC into a real analytics process, beside two baselines.
+
+`python -m bench.ingest [--scale S]` (or `await run(scale)`):
+
+1. spawns `python -m services.analytics` (its own throwaway schema) and, as baseline,
+   `python -m bench.echo` (a bare grpc.aio server), each in its own process;
+2. drives each with the same client: 64 concurrent callers sending pre-serialized
+   RecordEvents requests with unique ids (batches of 1, 20 and 200 to the service,
+   batches of 1 to the echo server), measuring requests/s, events/s and the p50/p99
+   acknowledgement latency (an ack means committed);
+3. measures raw binary COPY rows/s of the same rows into an unindexed table;
+4. prints the ratios: batch-1 req/s / echo req/s (goal >= 0.5) and
+   batch-200 events/s / COPY rows/s (goal >= 0.3), checks every event was stored,
+   and drops its schema.
+
+Uses TEST_DATABASE_URL / TEST_REDIS_URL (defaults: the local test instances).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import grpc
+
+from cosnap.analytics.v1 import analytics_pb2
+from tests.support import DATABASE_URL, ROOT, free_port, service_env, spawn_service, wait_serving
+
+CONCURRENCY = 64
+METHOD = "/cosnap.analytics.v1.AnalyticsService/RecordEvents"
+# Requests per run at scale 1 (batch size -> requests).
+REQUESTS = {1: 8000, 20: 1500, 200: 300}
+COPY_ROWS = 200_000
+COPY_CHUNK = 5000
+EVENT_TYPES = ("page_view", "effect_click", "effect_view", "upload_start", "share")
+PAGES = tuple(f"/effects/{i}" for i in range(20))
+
+
+def _requests(batch: int, count: int, tag: str) -> list[bytes]:
+    """`count` serialized RecordEvents requests of `batch` events with unique ids."""
+    out = []
+    now = datetime.now(UTC)
+    for r in range(count):
+        request = analytics_pb2.RecordEventsRequest()
+        for i in range(batch):
+            n = r * batch + i
+            e = request.events.add(
+                event_id=f"{tag}-{r}-{i}",
+                session_id=f"sess-{n % 997}",
+                event_type=EVENT_TYPES[n % len(EVENT_TYPES)],
+                page=PAGES[n % len(PAGES)],
+            )
+            if n % 4 == 0:
+                e.user_id = f"user-{n % 331}"
+            e.timestamp.FromDatetime(now)
+            if n % 3 == 0:
+                e.properties.update({"effectId": f"fx-{n % 50}", "position": n % 12})
+        out.append(request.SerializeToString())
+    return out
+
+
+def _percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
+
+
+async def drive(address: str, payloads: list[bytes], concurrency: int = CONCURRENCY) -> dict[str, float]:
+    """Send every payload over one channel with `concurrency` callers; throughput and latency."""
+    latencies: list[float] = []
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = channel.unary_unary(
+            METHOD, response_deserializer=analytics_pb2.RecordEventsResponse.FromString
+        )
+        # Warm the connection up.
+        await call(payloads[0], timeout=30)
+        queue = iter(payloads[1:])
+        accepted = 0
+
+        async def worker() -> None:
+            nonlocal accepted
+            for payload in queue:
+                started = time.perf_counter()
+                reply = await call(payload, timeout=60)
+                latencies.append(time.perf_counter() - started)
+                accepted += reply.accepted
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    requests = len(payloads) - 1
+    return {
+        "requests": requests,
+        "seconds": round(elapsed, 3),
+        "requests_per_second": round(requests / elapsed, 1),
+        "accepted": accepted,
+        "p50_ms": round(statistics.median(latencies) * 1000, 2),
+        "p99_ms": round(_percentile(latencies, 0.99) * 1000, 2),
+    }
+
+
+async def _wait_answering(address: str, timeout: float = 30.0) -> None:
+    """Until RecordEvents answers (the echo server has no health service)."""
+    deadline = time.monotonic() + timeout
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = channel.unary_unary(
+            METHOD, response_deserializer=analytics_pb2.RecordEventsResponse.FromString
+        )
+        while True:
+            try:
+                await call(b"", timeout=1)
+                return
+            except grpc.aio.AioRpcError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.1)
+
+
+def _spawn_echo(port: int, log: Path) -> subprocess.Popen[bytes]:
+    out = open(log, "ab")  # the child process owns it
+    return subprocess.Popen(
+        [sys.executable, "-m", "bench.echo", str(port)],
+        cwd=ROOT,
+        stdout=out,
+        stderr=out,
+        env=dict(os.environ),
+    )
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def _flush_stats(metrics_port: int) -> dict[str, float]:
+    """Rows per group commit and flush time, scraped from the service's /metrics."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+
+    def value(name: str) -> float:
+        match = re.search(rf"^{name} ([0-9.e+-]+)$", text, re.M)
+        return float(match[1]) if match else 0.0
+
+    flushes = value("analytics_ingest_flush_rows_count")
+    return {
+        "flushes": flushes,
+        "rows_per_flush": round(value("analytics_ingest_flush_rows_sum") / flushes, 1) if flushes else 0.0,
+        "ms_per_flush": round(value("analytics_ingest_flush_seconds_sum") / flushes * 1000, 2)
+        if flushes
+        else 0.0,
+    }
+
+
+async def copy_baseline(rows: int) -> dict[str, float]:
+    """Binary COPY of event-shaped rows into an unindexed, unpartitioned table."""
+    schema = f"bench_copy_{uuid.uuid4().hex[:8]}"
+    conn = await asyncpg.connect(DATABASE_URL)
+    try:
+        await conn.execute(f'CREATE SCHEMA "{schema}"')
+        await conn.execute(
+            f'CREATE TABLE "{schema}".raw (event_id text, session_id text, user_id text, event_type text,'
+            " page text, properties jsonb, occurred_at timestamptz, received_at timestamptz)"
+        )
+        now = datetime.now(UTC)
+        records = [
+            (
+                f"copy-{n}",
+                f"sess-{n % 997}",
+                f"user-{n % 331}" if n % 4 == 0 else None,
+                EVENT_TYPES[n % len(EVENT_TYPES)],
+                PAGES[n % len(PAGES)],
+                '{"effectId":"fx-1","position":3}' if n % 3 == 0 else None,
+                now,
+                now,
+            )
+            for n in range(rows)
+        ]
+        started = time.perf_counter()
+        for i in range(0, rows, COPY_CHUNK):
+            await conn.copy_records_to_table("raw", records=records[i : i + COPY_CHUNK], schema_name=schema)
+        elapsed = time.perf_counter() - started
+        return {"rows": rows, "seconds": round(elapsed, 3), "rows_per_second": round(rows / elapsed, 1)}
+    finally:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        await conn.close()
+
+
+async def run(scale: float = 1.0, log_dir: Path | None = None) -> dict[str, Any]:
+    log_dir = log_dir or Path(os.environ.get("TMPDIR", "/tmp"))
+    schema = f"bench_ingest_{uuid.uuid4().hex[:8]}"
+    tag = uuid.uuid4().hex[:6]
+    result: dict[str, Any] = {"concurrency": CONCURRENCY, "scale": scale}
+    plan = {batch: max(CONCURRENCY * 2, int(n * scale)) for batch, n in REQUESTS.items()}
+    payloads = {batch: _requests(batch, n, f"{tag}-b{batch}") for batch, n in plan.items()}
+    echo_payloads = _requests(1, plan[1], f"{tag}-echo")
+
+    # Baseline 1: a bare grpc.aio echo server, same client.
+    echo_port = free_port()
+    echo = _spawn_echo(echo_port, log_dir / "bench-echo.log")
+    try:
+        await _wait_answering(f"127.0.0.1:{echo_port}")
+        result["echo"] = await drive(f"127.0.0.1:{echo_port}", echo_payloads)
+    finally:
+        _stop(echo)
+
+    # The service, in its own process.
+    port, metrics_port = free_port(), free_port()
+    env = service_env(
+        schema, GRPC_PORT=str(port), METRICS_PORT=str(metrics_port), LOG_LEVEL="WARNING", MONITORING_ADDR=""
+    )
+    service = spawn_service("analytics", env, log_dir / "bench-analytics.log")
+    try:
+        await asyncio.to_thread(wait_serving, f"127.0.0.1:{port}", 60)
+        for batch in (1, 20, 200):
+            before = _flush_stats(metrics_port)
+            figures = await drive(f"127.0.0.1:{port}", payloads[batch])
+            after = _flush_stats(metrics_port)
+            flushes = after["flushes"] - before["flushes"]
+            figures["events_per_second"] = round(figures["requests_per_second"] * batch, 1)
+            figures["flushes"] = flushes
+            figures["events_per_flush"] = round(figures["requests"] * batch / flushes, 1) if flushes else 0
+            result[f"batch_{batch}"] = figures
+    finally:
+        _stop(service)
+
+    # Every acknowledged event is there, once.
+    conn = await asyncpg.connect(DATABASE_URL)
+    try:
+        stored = await conn.fetchval(f'SELECT count(*) FROM "{schema}".events')
+        expected = sum(len(p) * batch for batch, p in payloads.items())
+        result["stored_events"] = stored
+        result["expected_events"] = expected
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await conn.close()
+
+    # Baseline 2: raw binary COPY.
+    result["copy"] = await copy_baseline(max(20_000, int(COPY_ROWS * scale)))
+
+    result["ratio_batch1_vs_echo"] = round(
+        result["batch_1"]["requests_per_second"] / result["echo"]["requests_per_second"], 3
+    )
+    result["ratio_batch200_vs_copy"] = round(
+        result["batch_200"]["events_per_second"] / result["copy"]["rows_per_second"], 3
+    )
+    return result
+
+
+def print_result(result: dict[str, Any]) -> None:
+    echo, copy = result["echo"], result["copy"]
+    print(f"ingest benchmark (concurrency {result['concurrency']}, scale {result['scale']})")
+    print(
+        f"  baseline echo (bare grpc.aio, batch 1): {echo['requests_per_second']:,} req/s, "
+        f"p50 {echo['p50_ms']} ms, p99 {echo['p99_ms']} ms"
+    )
+    print(f"  baseline binary COPY (unindexed table): {copy['rows_per_second']:,} rows/s")
+    for batch in (1, 20, 200):
+        f = result[f"batch_{batch}"]
+        print(
+            f"  batch {batch:>3}: {f['requests_per_second']:>9,} req/s {f['events_per_second']:>10,} events/s"
+            f"  ack p50 {f['p50_ms']} ms p99 {f['p99_ms']} ms  ({f['events_per_flush']} events/flush)"
+        )
+    print(
+        f"  batch-1 req/s / echo req/s = {result['ratio_batch1_vs_echo']} (goal >= 0.5); "
+        f"batch-200 events/s / COPY rows/s = {result['ratio_batch200_vs_copy']} (goal >= 0.3)"
+    )
+    print(f"  stored {result['stored_events']:,} of {result['expected_events']:,} events")
+    print(json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.ingest")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiplies the requests sent")
+    args = parser.parse_args()
+    print_result(asyncio.run(run(args.scale)))
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        main()

@@ -1,0 +1,4 @@
+from services.analytics import app
+from services.servicekit import cli
+
+cli.main(app)

@@ -1,0 +1,124 @@
+"""analytics: durable batched ingestion of frontend events, metrics and funnel
+steps, and the admin reports built on them. Wiring only; the domain lives beside it."""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from pydantic import Field
+
+from cosnap.analytics.v1 import analytics_pb2, analytics_pb2_grpc
+from cosnap.monitoring.v1 import monitoring_pb2_grpc
+from services.servicekit.auth import Access
+from services.servicekit.config import ServiceSettings
+from services.servicekit.server import ServiceApp
+
+from .dashboard import DASHBOARD_CACHE_OPTIONS, Dashboard
+from .ingest import GroupCommitter
+from .partitions import PartitionMaintainer
+from .servicer import AnalyticsServicer
+from .validation import Limits
+
+NAME = "analytics"
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+SERVICE = analytics_pb2.DESCRIPTOR.services_by_name["AnalyticsService"]
+ACCESS = {
+    "RecordEvents": Access.PUBLIC,
+    "RecordPerformanceMetrics": Access.PUBLIC,
+    "RecordFunnelSteps": Access.PUBLIC,
+    "GetFunnelReport": Access.ADMIN,
+    "GetPerformanceDashboard": Access.ADMIN,
+}
+
+
+class AnalyticsSettings(ServiceSettings):
+    grpc_port: int = Field(50051, ge=0, le=65535)
+    metrics_port: int = Field(9101, ge=0, le=65535)
+    analytics_retention_days: int = Field(30, ge=1, le=3650, description="Raw data and rollups kept.")
+    analytics_partition_days_ahead: int = Field(3, ge=1, le=60, description="Daily partitions made ahead.")
+    analytics_partition_interval_seconds: float = Field(
+        3600.0, gt=0, description="How often partition maintenance runs."
+    )
+    analytics_max_batch_items: int = Field(500, ge=1, le=10_000, description="Items per ingest request.")
+    analytics_flush_max_rows: int = Field(5000, ge=1, le=100_000, description="Rows per group commit.")
+    analytics_flush_interval_ms: float = Field(
+        0.0, ge=0, le=10_000, description="Extra wait for more rows before a flush; 0 flushes at once."
+    )
+    analytics_flush_concurrency: int = Field(
+        2, ge=1, le=8, description="Flushes at once (each on its own connection) under a backlog."
+    )
+    analytics_dashboard_ttl_seconds: float = Field(10.0, ge=0, description="Dashboard cache lifetime.")
+
+
+SETTINGS = AnalyticsSettings
+
+
+@dataclass
+class Analytics:
+    """The running pieces of one analytics app (for tests and the benchmark)."""
+
+    committer: GroupCommitter
+    maintainer: PartitionMaintainer
+    servicer: AnalyticsServicer
+
+
+_STATE: weakref.WeakKeyDictionary[ServiceApp, Analytics] = weakref.WeakKeyDictionary()
+
+
+def state(app: ServiceApp) -> Analytics:
+    return _STATE[app]
+
+
+async def wire(app: ServiceApp) -> None:
+    settings = app.settings
+    assert isinstance(settings, AnalyticsSettings)
+    assert app.pool is not None, "connect() first"
+    pool = app.pool
+
+    maintainer = PartitionMaintainer(
+        pool,
+        app.schema,
+        retention_days=settings.analytics_retention_days,
+        days_ahead=settings.analytics_partition_days_ahead,
+        interval_seconds=settings.analytics_partition_interval_seconds,
+    )
+    await maintainer.run_once()  # partitions must exist before rows arrive
+    app.run_in_background(maintainer.run_forever(), "analytics-partitions")
+
+    committer = GroupCommitter(
+        pool,
+        max_rows=settings.analytics_flush_max_rows,
+        flush_interval_ms=settings.analytics_flush_interval_ms,
+        concurrency=settings.analytics_flush_concurrency,
+        ensure_partitions=maintainer.ensure,
+    )
+    await committer.start()
+    # Runs after the server stopped taking RPCs: what is queued is committed.
+    app.on_shutdown(committer.close)
+
+    monitoring: monitoring_pb2_grpc.MonitoringServiceStub | None = None
+    if settings.monitoring_addr:
+        channel = grpc.aio.insecure_channel(settings.monitoring_addr)
+        monitoring = monitoring_pb2_grpc.MonitoringServiceStub(channel)
+
+        async def close_channel() -> None:
+            await channel.close()
+
+        app.on_shutdown(close_channel)
+
+    cache = await app.cache("dashboard", **DASHBOARD_CACHE_OPTIONS)
+    dashboard = Dashboard(pool, cache, monitoring, settings.analytics_dashboard_ttl_seconds)
+    servicer = AnalyticsServicer(
+        pool,
+        committer,
+        dashboard,
+        Limits(
+            max_items=settings.analytics_max_batch_items, retention_days=settings.analytics_retention_days
+        ),
+    )
+    app.add_service(SERVICE, servicer, analytics_pb2_grpc.add_AnalyticsServiceServicer_to_server, ACCESS)
+    _STATE[app] = Analytics(committer, maintainer, servicer)

@@ -1,0 +1,566 @@
+"""Durable batched ingestion: a group committer.
+
+Requests hand their validated rows to :meth:`GroupCommitter.submit` and wait.
+One flusher task takes everything queued (whole requests, up to
+``max_rows`` rows) and writes it in ONE transaction on its own connection:
+
+1. binary COPY into per-connection temporary staging tables
+   (``ON COMMIT DELETE ROWS``, created once per connection);
+2. ``INSERT ... SELECT ... ON CONFLICT DO NOTHING RETURNING`` into the key
+   tables finds the new ids; only those go into the partitioned raw tables;
+3. the rollups are updated from the same staged rows, aggregated in SQL
+   (``GROUP BY`` + ``ON CONFLICT DO UPDATE SET count = count + excluded.count``);
+4. COMMIT, and only then every waiting request gets its own
+   ``(accepted, duplicates)``. A failed flush fails every request in it
+   (UNAVAILABLE) and, being one transaction, leaves nothing behind.
+
+Metrics: the latest value per ``(name, metric_id)`` wins. ``metric_keys``
+holds the current value, its partition timestamp, page, sketch bin and rating;
+a changed report updates the raw row in place and moves the rollup
+contribution (old bin/rating/value out, new in; the count is unchanged). A
+report with the value already stored is a duplicate.
+
+Within one flush the same id twice is deduplicated in Python: the first wins
+for events and steps, the last for metrics (a superseded report counts as
+accepted, an identical one as a duplicate).
+
+Flush policy: the flusher flushes as soon as something is queued (no delay
+when idle); while a flush runs, new requests queue up and go together in the
+next one. ``flush_interval_ms`` > 0 adds a deliberate wait for more rows.
+Only under a backlog (``parallel_min_rows`` waiting) does a second flush start
+beside the running one (``concurrency``, each on its own connection); two
+flushes holding the same id are ordered by PostgreSQL's row locks (the later
+one sees the earlier one's commit: a duplicate, or for a metric a move from
+the committed value), exactly as between two replicas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import asyncpg
+from prometheus_client import Counter, Histogram
+
+from services.servicekit.errors import ServiceError, unavailable
+
+from .validation import Row
+
+log = logging.getLogger(__name__)
+
+FLUSHES = Counter("analytics_ingest_flushes", "Group-commit flushes, by result.", ["result"])
+FLUSH_ROWS = Histogram(
+    "analytics_ingest_flush_rows",
+    "Rows per group-commit flush.",
+    buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000),
+)
+FLUSH_SECONDS = Histogram(
+    "analytics_ingest_flush_seconds",
+    "Duration of a group-commit flush (COPY to COMMIT).",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+ROWS_STORED = Counter("analytics_ingest_rows", "Ingested items, by kind and outcome.", ["kind", "outcome"])
+
+
+class Kind(enum.IntEnum):
+    EVENTS = 0
+    METRICS = 1
+    STEPS = 2
+
+
+KIND_NAMES = {Kind.EVENTS: "events", Kind.METRICS: "metrics", Kind.STEPS: "steps"}
+
+STAGING_DDL = """
+SET plan_cache_mode = force_custom_plan;
+SET synchronous_commit = on;  -- acknowledged means durable, whatever the database's default
+CREATE TEMP TABLE IF NOT EXISTS stage_events (
+    seq bigint NOT NULL, event_id text COLLATE "C" NOT NULL, session_id text COLLATE "C" NOT NULL, user_id text,
+    event_type text NOT NULL, page text, properties jsonb, occurred_at timestamptz NOT NULL,
+    received_at timestamptz NOT NULL
+) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS stage_metrics (
+    seq bigint NOT NULL, name text COLLATE "C" NOT NULL, metric_id text COLLATE "C" NOT NULL,
+    session_id text NOT NULL,
+    user_id text, value double precision NOT NULL, delta double precision NOT NULL, rating text,
+    navigation_type text, page text, attributes jsonb, occurred_at timestamptz NOT NULL,
+    received_at timestamptz NOT NULL, bin integer NOT NULL,
+    is_new boolean NOT NULL DEFAULT false, changed boolean NOT NULL DEFAULT false,
+    old_occurred_at timestamptz, old_value double precision, old_page text, old_bin integer,
+    old_rating text
+) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS stage_steps (
+    seq bigint NOT NULL, step_id text COLLATE "C" NOT NULL, session_id text COLLATE "C" NOT NULL, user_id text,
+    step smallint NOT NULL, effect_id text, properties jsonb, occurred_at timestamptz NOT NULL,
+    received_at timestamptz NOT NULL
+) ON COMMIT DELETE ROWS;
+"""
+
+EVENT_COLUMNS = (
+    "seq",
+    "event_id",
+    "session_id",
+    "user_id",
+    "event_type",
+    "page",
+    "properties",
+    "occurred_at",
+    "received_at",
+)
+METRIC_COLUMNS = (
+    "seq",
+    "name",
+    "metric_id",
+    "session_id",
+    "user_id",
+    "value",
+    "delta",
+    "rating",
+    "navigation_type",
+    "page",
+    "attributes",
+    "occurred_at",
+    "received_at",
+    "bin",
+)
+STEP_COLUMNS = (
+    "seq",
+    "step_id",
+    "session_id",
+    "user_id",
+    "step",
+    "effect_id",
+    "properties",
+    "occurred_at",
+    "received_at",
+)
+
+BUCKET = "date_bin('5 minutes', {col}, timestamptz 'epoch')"
+
+# The flusher's connections plan every statement afresh (plan_cache_mode =
+# force_custom_plan; the statements with a result take the flush's row count
+# as a parameter so that they are re-planned too): plans follow the staging
+# tables' size of this flush, never a generic plan made for another size.
+# Keys are inserted in key order so that replicas flushing overlapping ids
+# cannot deadlock on each other's speculative insertions; rollup rows are
+# upserted in key order for the same reason.
+EVENTS_SQL = f"""
+WITH new AS (
+    INSERT INTO event_keys (event_id, occurred_at)
+    SELECT event_id, occurred_at FROM pg_temp.stage_events ORDER BY event_id
+    ON CONFLICT DO NOTHING
+    RETURNING event_id
+), raw AS (
+    INSERT INTO events (event_id, session_id, user_id, event_type, page, properties, occurred_at,
+                        received_at)
+    SELECT s.event_id, s.session_id, s.user_id, s.event_type, s.page, s.properties, s.occurred_at,
+           s.received_at
+    FROM pg_temp.stage_events s JOIN new ON new.event_id = s.event_id
+    RETURNING event_type, page, session_id, user_id, occurred_at
+), counts AS (
+    INSERT INTO rollup_events AS r (bucket_start, event_type, page, count)
+    SELECT {BUCKET.format(col="occurred_at")}, event_type, coalesce(page, ''), count(*)
+    FROM raw GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
+    ON CONFLICT (bucket_start, event_type, page) DO UPDATE SET count = r.count + excluded.count
+), sessions AS (
+    INSERT INTO rollup_sessions AS r (hour_start, session_id, user_id)
+    SELECT date_bin('1 hour', occurred_at, timestamptz 'epoch'), session_id, max(user_id)
+    FROM raw GROUP BY 1, 2 ORDER BY 1, 2
+    ON CONFLICT (hour_start, session_id) DO UPDATE SET user_id = excluded.user_id
+    WHERE r.user_id IS NULL AND excluded.user_id IS NOT NULL
+)
+SELECT s.seq, count(*)::int FROM pg_temp.stage_events s JOIN new ON new.event_id = s.event_id
+GROUP BY s.seq LIMIT $1
+"""
+
+STEPS_SQL = f"""
+WITH new AS (
+    INSERT INTO step_keys (step_id, occurred_at)
+    SELECT step_id, occurred_at FROM pg_temp.stage_steps ORDER BY step_id
+    ON CONFLICT DO NOTHING
+    RETURNING step_id
+), raw AS (
+    INSERT INTO funnel_steps (step_id, session_id, user_id, step, effect_id, properties, occurred_at,
+                              received_at)
+    SELECT s.step_id, s.session_id, s.user_id, s.step, s.effect_id, s.properties, s.occurred_at,
+           s.received_at
+    FROM pg_temp.stage_steps s JOIN new ON new.step_id = s.step_id
+    RETURNING step, effect_id, occurred_at
+), counts AS (
+    INSERT INTO rollup_funnel AS r (bucket_start, step, effect_id, count)
+    SELECT {BUCKET.format(col="occurred_at")}, step, coalesce(effect_id, ''), count(*)
+    FROM raw GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
+    ON CONFLICT (bucket_start, step, effect_id) DO UPDATE SET count = r.count + excluded.count
+)
+SELECT s.seq, count(*)::int FROM pg_temp.stage_steps s JOIN new ON new.step_id = s.step_id
+GROUP BY s.seq LIMIT $1
+"""
+
+# Metrics, step 1: claim the keys never seen. Rows locked by our insert stay
+# ours until COMMIT; a concurrent inserter of the same key waits for us.
+METRICS_NEW_SQL = """
+WITH ins AS (
+    INSERT INTO metric_keys (name, metric_id, occurred_at, value, page, bin, rating)
+    SELECT name, metric_id, occurred_at, value, coalesce(page, ''), bin, rating
+    FROM pg_temp.stage_metrics ORDER BY name, metric_id
+    ON CONFLICT DO NOTHING
+    RETURNING name, metric_id
+)
+UPDATE pg_temp.stage_metrics s SET is_new = true
+FROM ins WHERE s.name = ins.name AND s.metric_id = ins.metric_id
+"""
+
+# Step 2 (only when some keys already existed): lock them and read the current
+# value and where its rollup contribution sits.
+METRICS_OLD_SQL = """
+WITH old AS (
+    SELECT k.name, k.metric_id, k.occurred_at, k.value, k.page, k.bin, k.rating
+    FROM metric_keys k
+    JOIN pg_temp.stage_metrics s ON s.name = k.name AND s.metric_id = k.metric_id
+    WHERE NOT s.is_new
+    ORDER BY k.name, k.metric_id
+    FOR UPDATE OF k
+)
+UPDATE pg_temp.stage_metrics s
+SET old_occurred_at = old.occurred_at, old_value = old.value, old_page = old.page,
+    old_bin = old.bin, old_rating = old.rating, changed = old.value IS DISTINCT FROM s.value
+FROM old WHERE s.name = old.name AND s.metric_id = old.metric_id
+"""
+
+# Step 3: raw rows (insert new, update changed in place), current values, and
+# the rollups: +1 at the new value for new keys; for changed keys +1 at the new
+# value and -1 at the old one, in the bucket and page of the first report.
+_METRICS_APPLY = """
+WITH raw_new AS (
+    INSERT INTO metrics (name, metric_id, session_id, user_id, value, delta, rating, navigation_type,
+                         page, attributes, occurred_at, received_at)
+    SELECT name, metric_id, session_id, user_id, value, delta, rating, navigation_type, page,
+           attributes, occurred_at, received_at
+    FROM pg_temp.stage_metrics WHERE is_new
+), raw_changed AS (
+    UPDATE metrics m
+    SET value = s.value, delta = s.delta, rating = s.rating, navigation_type = s.navigation_type,
+        attributes = s.attributes, received_at = s.received_at
+    FROM pg_temp.stage_metrics s
+    WHERE s.changed AND m.name = s.name AND m.metric_id = s.metric_id
+      AND m.occurred_at = s.old_occurred_at
+), keys_changed AS (
+    UPDATE metric_keys k SET value = s.value, bin = s.bin, rating = s.rating
+    FROM pg_temp.stage_metrics s
+    WHERE s.changed AND k.name = s.name AND k.metric_id = s.metric_id
+), contrib AS (
+    SELECT {bucket_new} AS bucket, name, coalesce(page, '') AS page, bin, rating, value, 1 AS sign
+    FROM pg_temp.stage_metrics WHERE is_new
+    UNION ALL
+    SELECT {bucket_old}, name, old_page, bin, rating, value, 1
+    FROM pg_temp.stage_metrics WHERE changed
+    UNION ALL
+    SELECT {bucket_old}, name, old_page, old_bin, old_rating, old_value, -1
+    FROM pg_temp.stage_metrics WHERE changed
+), bins AS (
+    INSERT INTO rollup_metric_bins AS r (bucket_start, name, page, bin, count)
+    SELECT bucket, name, page, bin, sum(sign) FROM contrib
+    GROUP BY 1, 2, 3, 4 HAVING sum(sign) <> 0 ORDER BY 1, 2, 3, 4
+    ON CONFLICT (bucket_start, name, page, bin) DO UPDATE SET count = r.count + excluded.count
+), stats AS (
+    INSERT INTO rollup_metrics AS r (bucket_start, name, page, count, sum, good, needs_improvement,
+                                     poor)
+    SELECT bucket, name, page, sum(sign), sum(sign * value),
+           coalesce(sum(sign) FILTER (WHERE rating = 'good'), 0),
+           coalesce(sum(sign) FILTER (WHERE rating = 'needs-improvement'), 0),
+           coalesce(sum(sign) FILTER (WHERE rating = 'poor'), 0)
+    FROM contrib GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
+    ON CONFLICT (bucket_start, name, page) DO UPDATE
+    SET count = r.count + excluded.count, sum = r.sum + excluded.sum,
+        good = r.good + excluded.good,
+        needs_improvement = r.needs_improvement + excluded.needs_improvement,
+        poor = r.poor + excluded.poor
+)
+SELECT seq, count(*)::int FROM pg_temp.stage_metrics WHERE is_new OR changed GROUP BY seq LIMIT $1
+"""
+METRICS_APPLY_SQL = _METRICS_APPLY.format(
+    bucket_new=BUCKET.format(col="occurred_at"), bucket_old=BUCKET.format(col="old_occurred_at")
+)
+
+# Retried once more in a fresh transaction: deadlocks between replicas, and a
+# row for a partition that does not exist yet (created by the hook first).
+_RETRYABLE = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
+
+
+class _Request:
+    __slots__ = ("accepted", "future", "kind", "rows", "seq")
+
+    def __init__(self, kind: Kind, rows: Sequence[Row], seq: int, future: asyncio.Future[tuple[int, int]]):
+        self.kind = kind
+        self.rows = rows
+        self.seq = seq
+        self.future = future
+        self.accepted = 0  # accepted in Python (a metric superseded within the flush)
+
+
+class GroupCommitter:
+    """Queues rows of concurrent requests; a flusher writes them, one transaction per flush.
+
+    One flush runs at a time while the backlog is small, so concurrent requests
+    group naturally behind it. When at least ``parallel_min_rows`` rows are
+    waiting, up to ``concurrency`` flushes run at once, each on its own
+    connection, so that PostgreSQL's work on one overlaps the Python work
+    (COPY encoding, validation of new requests) of the next.
+    """
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        max_rows: int = 5000,
+        flush_interval_ms: float = 0.0,
+        concurrency: int = 2,
+        parallel_min_rows: int | None = None,
+        ensure_partitions: Callable[[], Awaitable[Any]] | None = None,
+    ) -> None:
+        self._pool = pool
+        self.max_rows = max(1, max_rows)
+        self.flush_interval = max(0.0, flush_interval_ms) / 1000.0
+        self.concurrency = max(1, concurrency)
+        self.parallel_min_rows = (
+            parallel_min_rows if parallel_min_rows is not None else max(1, self.max_rows // 5)
+        )
+        self._ensure_partitions = ensure_partitions
+        self._queue: deque[_Request] = deque()
+        self._queued_rows = 0
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._flushing: set[asyncio.Task[None]] = set()
+        self._idle: list[asyncpg.Connection] = []  # connections with staging tables, not in use
+        self._closing = False
+        self._seq = 0
+        # Counters for tests and the benchmark.
+        self.flushes = 0
+        self.failed_flushes = 0
+        self.rows_flushed = 0
+        self.max_parallel = 0
+
+    # -- lifecycle ------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="analytics-group-committer")
+
+    async def close(self) -> None:
+        """Refuse new rows, flush what is queued, stop the flusher, release the connections."""
+        self._closing = True
+        self._wakeup.set()
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await self._release(conn)
+
+    # -- submitting -----------------------------------------------------------------------
+    async def submit(self, kind: Kind, rows: Sequence[Row]) -> tuple[int, int]:
+        """Queue one request's rows; returns (accepted, duplicates) once committed."""
+        if self._closing or self._task is None:
+            raise unavailable("analytics ingestion is shutting down")
+        self._seq += 1
+        future: asyncio.Future[tuple[int, int]] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Request(kind, rows, self._seq, future))
+        self._queued_rows += len(rows)
+        self._wakeup.set()
+        return await future
+
+    # -- the flusher ----------------------------------------------------------------------
+    def _may_start(self) -> bool:
+        running = len(self._flushing)
+        if running == 0:
+            return True
+        return running < self.concurrency and self._queued_rows >= self.parallel_min_rows
+
+    async def _run(self) -> None:
+        while True:
+            while self._queue and self._may_start():
+                if (
+                    self.flush_interval
+                    and not self._flushing
+                    and self._queued_rows < self.max_rows
+                    and not self._closing
+                ):
+                    await asyncio.sleep(self.flush_interval)
+                batch = self._take()
+                task = asyncio.create_task(self._flush_safely(batch))
+                self._flushing.add(task)
+                self.max_parallel = max(self.max_parallel, len(self._flushing))
+            if self._closing and not self._queue and not self._flushing:
+                return
+            self._wakeup.clear()
+            await self._wakeup.wait()
+
+    async def _flush_safely(self, batch: list[_Request]) -> None:
+        try:
+            await self._flush(batch)
+        except Exception as exc:
+            self.failed_flushes += 1
+            FLUSHES.labels("error").inc()
+            log.error(
+                "flush failed",
+                extra={"requests": len(batch), "error": repr(exc)},
+                exc_info=not isinstance(exc, asyncpg.PostgresError | OSError),
+            )
+            error = exc if isinstance(exc, ServiceError) else unavailable("could not store the batch")
+            for request in batch:
+                if not request.future.done():
+                    request.future.set_exception(error)
+        finally:
+            task = asyncio.current_task()
+            if task is not None:
+                self._flushing.discard(task)
+            self._wakeup.set()
+
+    def _take(self) -> list[_Request]:
+        batch: list[_Request] = []
+        rows = 0
+        queue = self._queue
+        while queue and (not batch or rows + len(queue[0].rows) <= self.max_rows):
+            request = queue.popleft()
+            batch.append(request)
+            rows += len(request.rows)
+        self._queued_rows -= rows
+        return batch
+
+    async def _connection(self) -> asyncpg.Connection:
+        while self._idle:
+            conn = self._idle.pop()
+            if not conn.is_closed():
+                return conn
+            await self._release(conn)
+        conn = await self._pool.acquire()
+        try:
+            await conn.execute(STAGING_DDL)
+        except BaseException:
+            await self._release(conn)
+            raise
+        return conn
+
+    async def _release(self, conn: asyncpg.Connection) -> None:
+        with contextlib.suppress(Exception):
+            await self._pool.release(conn, timeout=5)
+
+    async def _flush(self, batch: list[_Request]) -> None:
+        started = time.perf_counter()
+        # Dedupe within the flush and tag each row with its request's seq.
+        records: dict[Kind, list[tuple[Any, ...]]] = {}
+        events: dict[str, None] = {}
+        steps: dict[str, None] = {}
+        metrics: dict[tuple[str, str], tuple[int, _Request]] = {}
+        metric_records: list[tuple[Any, ...] | None] = []
+        for request in batch:
+            seq = request.seq
+            if request.kind is Kind.EVENTS:
+                out = records.setdefault(Kind.EVENTS, [])
+                for row in request.rows:
+                    if row[0] not in events:
+                        events[row[0]] = None
+                        out.append((seq, *row))
+            elif request.kind is Kind.STEPS:
+                out = records.setdefault(Kind.STEPS, [])
+                for row in request.rows:
+                    if row[0] not in steps:
+                        steps[row[0]] = None
+                        out.append((seq, *row))
+            else:
+                for row in request.rows:
+                    key = (row[0], row[1])
+                    seen = metrics.get(key)
+                    if seen is None:
+                        metrics[key] = (len(metric_records), request)
+                        metric_records.append((seq, *row))
+                    else:
+                        index, earlier = seen
+                        previous = metric_records[index]
+                        assert previous is not None
+                        if previous[5] != row[4]:  # a new value: the last report wins
+                            earlier.accepted += 1
+                            metric_records[index] = None
+                            metrics[key] = (len(metric_records), request)
+                            metric_records.append((seq, *row))
+        if metric_records:
+            records[Kind.METRICS] = [r for r in metric_records if r is not None]
+
+        accepted: dict[int, int] = {}
+        for attempt in range(3):
+            try:
+                accepted = await self._write(records)
+                break
+            except _RETRYABLE:
+                if attempt == 2:
+                    raise
+            except asyncpg.CheckViolationError as exc:
+                # "no partition of relation ... found for row": create, then retry.
+                if attempt == 2 or self._ensure_partitions is None or "partition" not in str(exc):
+                    raise
+                log.warning("row outside the existing partitions; creating partitions")
+                await self._ensure_partitions()
+
+        total = 0
+        for request in batch:
+            n = len(request.rows)
+            total += n
+            ok = accepted.get(request.seq, 0) + request.accepted
+            kind = KIND_NAMES[request.kind]
+            ROWS_STORED.labels(kind, "accepted").inc(ok)
+            ROWS_STORED.labels(kind, "duplicate").inc(n - ok)
+            if not request.future.done():
+                request.future.set_result((ok, n - ok))
+        self.flushes += 1
+        self.rows_flushed += total
+        FLUSHES.labels("ok").inc()
+        FLUSH_ROWS.observe(total)
+        FLUSH_SECONDS.observe(time.perf_counter() - started)
+
+    async def _write(self, records: dict[Kind, list[tuple[Any, ...]]]) -> dict[int, int]:
+        """One transaction: stage, deduplicate, store, roll up; {seq: accepted}."""
+        conn = await self._connection()
+        try:
+            accepted = await self._transaction(conn, records)
+        except BaseException:
+            # The connection may be broken: give it back to the pool, which resets or drops it.
+            await self._release(conn)
+            raise
+        self._idle.append(conn)
+        return accepted
+
+    async def _transaction(
+        self, conn: asyncpg.Connection, records: dict[Kind, list[tuple[Any, ...]]]
+    ) -> dict[int, int]:
+        accepted: dict[int, int] = {}
+        async with conn.transaction():
+            rows = records.get(Kind.EVENTS)
+            if rows:
+                await conn.copy_records_to_table(
+                    "stage_events", records=rows, columns=EVENT_COLUMNS, schema_name="pg_temp"
+                )
+                for seq, n in await conn.fetch(EVENTS_SQL, len(rows)):
+                    accepted[seq] = n
+            rows = records.get(Kind.METRICS)
+            if rows:
+                await conn.copy_records_to_table(
+                    "stage_metrics", records=rows, columns=METRIC_COLUMNS, schema_name="pg_temp"
+                )
+                status = await conn.execute(METRICS_NEW_SQL)
+                if int(status.rsplit(" ", 1)[-1]) < len(rows):
+                    await conn.execute(METRICS_OLD_SQL)
+                for seq, n in await conn.fetch(METRICS_APPLY_SQL, len(rows)):
+                    accepted[seq] = n
+            rows = records.get(Kind.STEPS)
+            if rows:
+                await conn.copy_records_to_table(
+                    "stage_steps", records=rows, columns=STEP_COLUMNS, schema_name="pg_temp"
+                )
+                for seq, n in await conn.fetch(STEPS_SQL, len(rows)):
+                    accepted[seq] = n
+        return accepted

@@ -1,0 +1,60 @@
+"""The AnalyticsService servicer: validate, hand rows to the group committer, reply after COMMIT."""
+
+from __future__ import annotations
+
+import time
+
+import asyncpg
+import grpc
+
+from cosnap.analytics.v1 import analytics_pb2, analytics_pb2_grpc
+
+from . import funnel
+from .dashboard import Dashboard
+from .ingest import GroupCommitter, Kind
+from .validation import Limits, validate_events, validate_metrics, validate_steps
+
+
+class AnalyticsServicer(analytics_pb2_grpc.AnalyticsServiceServicer):
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        committer: GroupCommitter,
+        dashboard: Dashboard,
+        limits: Limits,
+    ) -> None:
+        self._pool = pool
+        self._committer = committer
+        self._dashboard = dashboard
+        self._limits = limits
+
+    async def RecordEvents(
+        self, request: analytics_pb2.RecordEventsRequest, context: grpc.aio.ServicerContext
+    ) -> analytics_pb2.RecordEventsResponse:
+        rows = validate_events(request, time.time(), self._limits)
+        accepted, duplicates = await self._committer.submit(Kind.EVENTS, rows)
+        return analytics_pb2.RecordEventsResponse(accepted=accepted, duplicates=duplicates)
+
+    async def RecordPerformanceMetrics(
+        self, request: analytics_pb2.RecordPerformanceMetricsRequest, context: grpc.aio.ServicerContext
+    ) -> analytics_pb2.RecordPerformanceMetricsResponse:
+        rows = validate_metrics(request, time.time(), self._limits)
+        accepted, duplicates = await self._committer.submit(Kind.METRICS, rows)
+        return analytics_pb2.RecordPerformanceMetricsResponse(accepted=accepted, duplicates=duplicates)
+
+    async def RecordFunnelSteps(
+        self, request: analytics_pb2.RecordFunnelStepsRequest, context: grpc.aio.ServicerContext
+    ) -> analytics_pb2.RecordFunnelStepsResponse:
+        rows = validate_steps(request, time.time(), self._limits)
+        accepted, duplicates = await self._committer.submit(Kind.STEPS, rows)
+        return analytics_pb2.RecordFunnelStepsResponse(accepted=accepted, duplicates=duplicates)
+
+    async def GetFunnelReport(
+        self, request: analytics_pb2.GetFunnelReportRequest, context: grpc.aio.ServicerContext
+    ) -> analytics_pb2.GetFunnelReportResponse:
+        return await funnel.funnel_report(self._pool, request)
+
+    async def GetPerformanceDashboard(
+        self, request: analytics_pb2.GetPerformanceDashboardRequest, context: grpc.aio.ServicerContext
+    ) -> analytics_pb2.GetPerformanceDashboardResponse:
+        return await self._dashboard.get(request)

@@ -1,0 +1,317 @@
+"""Validation of ingest batches, producing the rows the group committer stores.
+
+Every item of a batch is checked and every problem is named with its JSON path
+(`events[2].eventType`, camelCase as the frontend sends it); one bad item fails
+the whole batch (all-or-nothing) with INVALID_ARGUMENT and a google.rpc.BadRequest.
+
+Validation and conversion happen in one pass: a valid item becomes a tuple in
+the column order of the committer's staging tables (see `ingest.py`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from google.protobuf import struct_pb2, timestamp_pb2
+
+from cosnap.analytics.v1 import analytics_pb2
+from services.servicekit.errors import FieldViolations
+
+from . import sketch, vitals
+
+MAX_ID_CHARS = 128
+MAX_PAGE_CHARS = 2048
+MAX_NAVIGATION_TYPE_CHARS = 64
+MAX_PROPERTIES_BYTES = 8 * 1024
+MAX_PROPERTIES_DEPTH = 5
+MAX_ATTRIBUTES = 32
+MAX_ATTRIBUTE_CHARS = 256
+MAX_FUTURE_SECONDS = 300.0
+
+EVENT_TYPE = re.compile(r"[a-z][a-z0-9_]{0,63}")
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# Compact JSON; non-finite numbers never get here (rejected while converting).
+_from_timestamp = datetime.fromtimestamp
+_to_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+# Rows, in the staging tables' column order (without the leading request seq):
+# events:  event_id, session_id, user_id, event_type, page, properties, occurred_at, received_at
+# metrics: name, metric_id, session_id, user_id, value, delta, rating, navigation_type, page,
+#          attributes, occurred_at, received_at, bin
+# steps:   step_id, session_id, user_id, step, effect_id, properties, occurred_at, received_at
+Row = tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_items: int = 500
+    retention_days: int = 30
+
+
+class _Clock:
+    """The receive time of one request and the accepted timestamp range."""
+
+    __slots__ = ("earliest", "latest", "received_at")
+
+    def __init__(self, now: float, retention_days: int) -> None:
+        self.received_at = EPOCH + timedelta(seconds=now)
+        self.earliest = now - retention_days * 86400.0
+        self.latest = now + MAX_FUTURE_SECONDS
+
+
+# The checks below take the list name, index and field and build the JSON path
+# (`events[2].eventId`) only when something is wrong: valid items cost no strings.
+
+
+def _check_id(
+    value: str, violations: FieldViolations, kind: str, i: int, name: str, required: bool = True
+) -> str | None:
+    if value:
+        if len(value) <= MAX_ID_CHARS and value.isprintable():
+            return value
+    elif not required:
+        return None
+    path = f"{kind}[{i}].{name}"
+    if not value:
+        violations.add(path, "is required")
+        return None
+    if len(value) > MAX_ID_CHARS:
+        violations.add(path, f"must be at most {MAX_ID_CHARS} characters")
+    else:
+        violations.add(path, "must contain printable characters only")
+    return value
+
+
+def _check_text(
+    value: str, limit: int, violations: FieldViolations, kind: str, i: int, name: str
+) -> str | None:
+    if not value:
+        return None
+    if len(value) > limit:
+        violations.add(f"{kind}[{i}].{name}", f"must be at most {limit} characters")
+    return value
+
+
+def _occurred_at(item: Any, clock: _Clock, violations: FieldViolations, kind: str, i: int) -> datetime:
+    if not item.HasField("timestamp"):
+        return clock.received_at
+    ts: timestamp_pb2.Timestamp = item.timestamp
+    seconds, nanos = ts.seconds, ts.nanos
+    if 0 <= nanos < 1_000_000_000 and clock.earliest <= seconds + nanos / 1e9 <= clock.latest:
+        # Exact: the float's error (< 0.25 us until 2106) is rounded away at microseconds.
+        return _from_timestamp(seconds + (nanos // 1000) / 1e6, UTC)
+    path = f"{kind}[{i}].timestamp"
+    if not 0 <= nanos < 1_000_000_000:
+        violations.add(path, "nanos must be in [0, 1e9)")
+    elif seconds + nanos / 1e9 > clock.latest:
+        violations.add(path, f"must not be more than {int(MAX_FUTURE_SECONDS)} seconds in the future")
+    else:
+        violations.add(path, "is older than the retention period")
+    return clock.received_at
+
+
+class _BadValue(Exception):
+    pass
+
+
+def _plain(value: struct_pb2.Value, depth: int) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "string_value":
+        return value.string_value
+    if kind == "number_value":
+        number = value.number_value
+        if not math.isfinite(number):
+            raise _BadValue("numbers must be finite")
+        if number.is_integer() and abs(number) < 2**53:
+            return int(number)
+        return number
+    if kind == "bool_value":
+        return value.bool_value
+    if kind == "struct_value":
+        if depth >= MAX_PROPERTIES_DEPTH:
+            raise _BadValue(f"must not be nested more than {MAX_PROPERTIES_DEPTH} levels deep")
+        return {k: _plain(v, depth + 1) for k, v in value.struct_value.fields.items()}
+    if kind == "list_value":
+        if depth >= MAX_PROPERTIES_DEPTH:
+            raise _BadValue(f"must not be nested more than {MAX_PROPERTIES_DEPTH} levels deep")
+        return [_plain(v, depth + 1) for v in value.list_value.values]
+    return None  # null_value or unset
+
+
+def _properties(item: Any, violations: FieldViolations, kind: str, i: int) -> str | None:
+    """The properties as compact JSON text, or None when absent or empty."""
+    if not item.HasField("properties"):
+        return None
+    struct: struct_pb2.Struct = item.properties
+    if not struct.fields:
+        return None
+    path = f"{kind}[{i}].properties"
+    # A bound on the work before walking: the JSON form is never 16 times smaller
+    # than the wire form (a number: 9-11 bytes on the wire, 1 or more as JSON).
+    if struct.ByteSize() > 16 * MAX_PROPERTIES_BYTES:
+        violations.add(path, f"must be at most {MAX_PROPERTIES_BYTES} bytes as JSON")
+        return None
+    try:
+        plain = {k: _plain(v, 1) for k, v in struct.fields.items()}
+    except _BadValue as exc:
+        violations.add(path, str(exc))
+        return None
+    except RecursionError:
+        violations.add(path, f"must not be nested more than {MAX_PROPERTIES_DEPTH} levels deep")
+        return None
+    text = _to_json(plain)
+    # UTF-8 takes at most 4 bytes a character: encode only when it could matter.
+    if len(text) > MAX_PROPERTIES_BYTES or (
+        len(text) > MAX_PROPERTIES_BYTES // 4 and len(text.encode()) > MAX_PROPERTIES_BYTES
+    ):
+        violations.add(path, f"must be at most {MAX_PROPERTIES_BYTES} bytes as JSON")
+        return None
+    return text
+
+
+def _check_batch(field: str, count: int, limits: Limits, violations: FieldViolations) -> bool:
+    if count == 0:
+        violations.add(field, "must contain at least one item")
+        return False
+    if count > limits.max_items:
+        violations.add(field, f"must contain at most {limits.max_items} items, got {count}")
+        return False
+    return True
+
+
+def validate_events(request: analytics_pb2.RecordEventsRequest, now: float, limits: Limits) -> list[Row]:
+    violations = FieldViolations()
+    items = request.events
+    if not _check_batch("events", len(items), limits, violations):
+        violations.raise_if_any("invalid events")
+    clock = _Clock(now, limits.retention_days)
+    rows: list[Row] = []
+    append = rows.append
+    for i, e in enumerate(items):
+        event_id = _check_id(e.event_id, violations, "events", i, "eventId")
+        session_id = _check_id(e.session_id, violations, "events", i, "sessionId")
+        user_id = _check_id(e.user_id, violations, "events", i, "userId", False)
+        event_type = e.event_type
+        if not event_type:
+            violations.add(f"events[{i}].eventType", "is required")
+        elif EVENT_TYPE.fullmatch(event_type) is None:
+            violations.add(
+                f"events[{i}].eventType",
+                "must be a lowercase identifier ([a-z][a-z0-9_]*, at most 64 characters)",
+            )
+        page = _check_text(e.page, MAX_PAGE_CHARS, violations, "events", i, "page")
+        properties = _properties(e, violations, "events", i)
+        occurred_at = _occurred_at(e, clock, violations, "events", i)
+        append((event_id, session_id, user_id, event_type, page, properties, occurred_at, clock.received_at))
+    violations.raise_if_any("invalid events")
+    return rows
+
+
+def validate_metrics(
+    request: analytics_pb2.RecordPerformanceMetricsRequest, now: float, limits: Limits
+) -> list[Row]:
+    violations = FieldViolations()
+    items = request.metrics
+    if not _check_batch("metrics", len(items), limits, violations):
+        violations.raise_if_any("invalid metrics")
+    clock = _Clock(now, limits.retention_days)
+    rows: list[Row] = []
+    append = rows.append
+    names = vitals.METRIC_NAMES
+    rate = vitals.rate
+    bin_of = sketch.bin_of
+    isfinite = math.isfinite
+    for i, m in enumerate(items):
+        metric_id = _check_id(m.metric_id, violations, "metrics", i, "metricId")
+        session_id = _check_id(m.session_id, violations, "metrics", i, "sessionId")
+        user_id = _check_id(m.user_id, violations, "metrics", i, "userId", False)
+        name = m.name
+        if not name:
+            violations.add(f"metrics[{i}].name", "is required")
+        elif name not in names:
+            violations.add(f"metrics[{i}].name", "must be one of " + ", ".join(sorted(names)))
+        value = m.value
+        ok_value = isfinite(value) and value >= 0
+        if not ok_value:
+            violations.add(f"metrics[{i}].value", "must be a finite number >= 0")
+        delta = m.delta
+        if not isfinite(delta):
+            violations.add(f"metrics[{i}].delta", "must be a finite number")
+        navigation_type = _check_text(
+            m.navigation_type, MAX_NAVIGATION_TYPE_CHARS, violations, "metrics", i, "navigationType"
+        )
+        page = _check_text(m.page, MAX_PAGE_CHARS, violations, "metrics", i, "page")
+        attributes: str | None = None
+        if m.attributes:
+            attrs = dict(m.attributes)
+            if len(attrs) > MAX_ATTRIBUTES:
+                violations.add(f"metrics[{i}].attributes", f"must have at most {MAX_ATTRIBUTES} entries")
+            for key, val in attrs.items():
+                if not key or len(key) > MAX_ATTRIBUTE_CHARS:
+                    violations.add(
+                        f"metrics[{i}].attributes[{key[:64]!r}]",
+                        f"keys must be 1 to {MAX_ATTRIBUTE_CHARS} characters",
+                    )
+                elif len(val) > MAX_ATTRIBUTE_CHARS:
+                    violations.add(
+                        f"metrics[{i}].attributes[{key!r}]",
+                        f"values must be at most {MAX_ATTRIBUTE_CHARS} characters",
+                    )
+            attributes = _to_json(attrs)
+        occurred_at = _occurred_at(m, clock, violations, "metrics", i)
+        if ok_value:
+            rating = rate(name, value)
+            bin_ = bin_of(value)
+        else:
+            rating, bin_ = None, 0
+        append(
+            (
+                name,
+                metric_id,
+                session_id,
+                user_id,
+                value,
+                delta,
+                rating,
+                navigation_type,
+                page,
+                attributes,
+                occurred_at,
+                clock.received_at,
+                bin_,
+            )
+        )
+    violations.raise_if_any("invalid metrics")
+    return rows
+
+
+def validate_steps(request: analytics_pb2.RecordFunnelStepsRequest, now: float, limits: Limits) -> list[Row]:
+    violations = FieldViolations()
+    items = request.steps
+    if not _check_batch("steps", len(items), limits, violations):
+        violations.raise_if_any("invalid funnel steps")
+    clock = _Clock(now, limits.retention_days)
+    rows: list[Row] = []
+    append = rows.append
+    numbers = vitals.STEP_NUMBER
+    for i, s in enumerate(items):
+        step_id = _check_id(s.step_id, violations, "steps", i, "stepId")
+        session_id = _check_id(s.session_id, violations, "steps", i, "sessionId")
+        user_id = _check_id(s.user_id, violations, "steps", i, "userId", False)
+        number = numbers.get(s.step)
+        if number is None:
+            if not s.step:
+                violations.add(f"steps[{i}].step", "is required")
+            else:
+                violations.add(f"steps[{i}].step", "must be one of " + ", ".join(vitals.FUNNEL_STEPS))
+        effect_id = _check_id(s.effect_id, violations, "steps", i, "effectId", False)
+        properties = _properties(s, violations, "steps", i)
+        occurred_at = _occurred_at(s, clock, violations, "steps", i)
+        append((step_id, session_id, user_id, number, effect_id, properties, occurred_at, clock.received_at))
+    violations.raise_if_any("invalid funnel steps")
+    return rows
