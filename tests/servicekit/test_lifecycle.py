@@ -159,3 +159,47 @@ async def test_postgres_lost_while_running_turns_readiness_off_then_recovers(sta
 
     await wait_for(serving)
     await proxy.cut()
+
+
+async def test_migrate_command_applies_the_migrations_and_exits(schema: str, admin_pg: Any) -> None:
+    async def migrate() -> tuple[int, str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "services.analytics",
+            "migrate",
+            env=service_env(schema),
+            cwd=ROOT,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+        return proc.returncode or 0, err.decode()
+
+    code, log = await migrate()
+    assert code == 0, log
+    assert '"msg": "migrated"' in log
+    code, log = await migrate()
+    assert code == 0, log
+    assert '"applied": []' in log  # nothing left to apply
+    tables = await admin_pg.fetch("SELECT tablename FROM pg_tables WHERE schemaname = $1", schema)
+    assert {"events", "metrics", "funnel_steps", "schema_migrations"} <= {r["tablename"] for r in tables}
+
+
+async def test_redis_down_keeps_serving_and_reports_degraded(start_service: Any) -> None:
+    closed = free_port()
+    app = await start_service(monitoring_app, redis_url=f"redis://127.0.0.1:{closed}/0")
+    cache = await app.cache("probe")
+    loads = 0
+
+    async def load() -> str:
+        nonlocal loads
+        loads += 1
+        return "value"
+
+    assert await cache.get_or_load("k", load, ttl=60) == "value"
+    assert await cache.get_or_load("k", load, ttl=60) == "value"
+    assert loads == 1  # the second answer came from L1, with Redis down
+    status = await app.dependency_status()
+    assert status["redis"][0] == "degraded"
+    assert status["postgres"][0] == "healthy"
+    assert await readiness(app.port) == health_pb2.HealthCheckResponse.SERVING
