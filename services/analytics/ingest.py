@@ -17,8 +17,9 @@ One flusher task takes everything queued (whole requests, up to
 Metrics: the latest value per ``(name, metric_id)`` wins. ``metric_keys``
 holds the current value, its partition timestamp, page, sketch bin and rating;
 a changed report updates the raw row in place and moves the rollup
-contribution (old bin/rating/value out, new in; the count is unchanged). A
-report with the value already stored is a duplicate.
+contribution (old bin/rating/value out, new in; the count is unchanged) in the
+5-minute rollups and in the hourly sketch ``rollup_metric_bins_hourly`` alike.
+A report with the value already stored is a duplicate.
 
 Within one flush the same id twice is deduplicated in Python: the first wins
 for events and steps, the last for metrics (a superseded report counts as
@@ -141,6 +142,7 @@ STEP_COLUMNS = (
 )
 
 BUCKET = "date_bin('5 minutes', {col}, timestamptz 'epoch')"
+HOUR = "date_bin('1 hour', {col}, timestamptz 'epoch')"
 
 # The flusher's connections plan every statement afresh (plan_cache_mode =
 # force_custom_plan; the statements with a result take the flush's row count
@@ -234,7 +236,8 @@ FROM old WHERE s.name = old.name AND s.metric_id = old.metric_id
 
 # Step 3: raw rows (insert new, update changed in place), current values, and
 # the rollups: +1 at the new value for new keys; for changed keys +1 at the new
-# value and -1 at the old one, in the bucket and page of the first report.
+# value and -1 at the old one, in the bucket and page of the first report. The
+# hourly, page-less sketch gets the same contributions summed per hour and bin.
 _METRICS_APPLY = """
 WITH raw_new AS (
     INSERT INTO metrics (name, metric_id, session_id, user_id, value, delta, rating, navigation_type,
@@ -267,6 +270,11 @@ WITH raw_new AS (
     SELECT bucket, name, page, bin, sum(sign) FROM contrib
     GROUP BY 1, 2, 3, 4 HAVING sum(sign) <> 0 ORDER BY 1, 2, 3, 4
     ON CONFLICT (bucket_start, name, page, bin) DO UPDATE SET count = r.count + excluded.count
+), bins_hourly AS (
+    INSERT INTO rollup_metric_bins_hourly AS r (hour_start, name, bin, count)
+    SELECT {hour}, name, bin, sum(sign) FROM contrib
+    GROUP BY 1, 2, 3 HAVING sum(sign) <> 0 ORDER BY 1, 2, 3
+    ON CONFLICT (hour_start, name, bin) DO UPDATE SET count = r.count + excluded.count
 ), stats AS (
     INSERT INTO rollup_metrics AS r (bucket_start, name, page, count, sum, good, needs_improvement,
                                      poor)
@@ -284,7 +292,9 @@ WITH raw_new AS (
 SELECT seq, count(*)::int FROM pg_temp.stage_metrics WHERE is_new OR changed GROUP BY seq LIMIT $1
 """
 METRICS_APPLY_SQL = _METRICS_APPLY.format(
-    bucket_new=BUCKET.format(col="occurred_at"), bucket_old=BUCKET.format(col="old_occurred_at")
+    bucket_new=BUCKET.format(col="occurred_at"),
+    bucket_old=BUCKET.format(col="old_occurred_at"),
+    hour=HOUR.format(col="bucket"),  # the hour of the 5-minute bucket is the hour of occurred_at
 )
 
 # Retried once more in a fresh transaction: deadlocks between replicas, and a

@@ -4,9 +4,10 @@ Partitions `events_pYYYYMMDD`, `metrics_pYYYYMMDD` and `funnel_steps_pYYYYMMDD`
 (UTC days) are created for [today - retention, today + days_ahead] at start-up
 and hourly after that; partitions lying entirely before the retention cutoff
 are dropped (cheap, unlike DELETE), and key-table and rollup rows older than
-the cutoff are deleted. Each pass runs in one transaction under an advisory
-lock keyed by the schema, so replicas never race; creating what already exists
-is a no-op, so every replica may run it.
+the start of the hour holding the cutoff are deleted (whole hours: the hourly
+rollups stay the sums of the 5-minute ones). Each pass runs in one transaction
+under an advisory lock keyed by the schema, so replicas never race; creating
+what already exists is a no-op, so every replica may run it.
 """
 
 from __future__ import annotations
@@ -25,17 +26,23 @@ from services.servicekit.db import check_schema_name
 log = logging.getLogger(__name__)
 
 PARTITIONED = ("events", "metrics", "funnel_steps")
-# (table, timestamp column) whose rows older than the cutoff are deleted.
+# (table, timestamp column) whose rows older than the start of the hour holding
+# the cutoff are deleted: whole hours, so that the 5-minute and the hourly rollups
+# lose the same hours (an hour's row stays the sum of its 5-minute rows), and a
+# metric's key lives as long as its rollup contribution (a later report moves it).
 AGED_TABLES = (
     ("event_keys", "occurred_at"),
     ("step_keys", "occurred_at"),
     ("metric_keys", "occurred_at"),
     ("rollup_metric_bins", "bucket_start"),
+    ("rollup_metric_bins_hourly", "hour_start"),
     ("rollup_metrics", "bucket_start"),
     ("rollup_events", "bucket_start"),
     ("rollup_sessions", "hour_start"),
     ("rollup_funnel", "bucket_start"),
 )
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_HOUR = timedelta(hours=1)
 _SUFFIX = re.compile(r"^(?P<parent>[a-z_]+)_p(?P<day>\d{8})$")
 
 
@@ -79,6 +86,10 @@ class PartitionMaintainer:
         """Rows before this instant are past the retention."""
         return now - timedelta(days=self.retention_days)
 
+    def aged_cutoff(self, now: datetime) -> datetime:
+        """Key and rollup rows before this instant (the start of the hour holding the cutoff) go."""
+        return _EPOCH + (self.cutoff(now) - _EPOCH) // _HOUR * _HOUR
+
     async def run_once(self, now: datetime | None = None, *, retire: bool = True) -> MaintenanceResult:
         """Create the partitions due; with `retire`, drop and delete what the retention expired."""
         now = now or datetime.now(UTC)
@@ -111,8 +122,9 @@ class PartitionMaintainer:
                         await conn.execute(f'DROP TABLE IF EXISTS {q}."{name}"')
                         result.dropped.append(name)
             if retire:
+                aged = self.aged_cutoff(now)
                 for table, column in AGED_TABLES:
-                    status = await conn.execute(f'DELETE FROM {q}."{table}" WHERE {column} < $1', cutoff)
+                    status = await conn.execute(f'DELETE FROM {q}."{table}" WHERE {column} < $1', aged)
                     result.deleted_rows += int(status.rsplit(" ", 1)[-1])
         if result.created or result.dropped or result.deleted_rows:
             log.info(

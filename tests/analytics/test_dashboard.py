@@ -26,6 +26,7 @@ from gateway.config import Settings as EdgeSettings
 from services.analytics.dashboard import Dashboard
 from services.analytics.sketch import RELATIVE_ACCURACY
 from services.analytics.vitals import FUNNEL_STEPS
+from services.analytics.windows import parse_window
 from services.servicekit.errors import bad_request_violations
 from services.servicekit.server import ServiceApp
 from tests.conftest import StartService
@@ -346,6 +347,54 @@ async def test_windows_and_trend_buckets(
         assert reply.engagement.events == 0
         assert all(v.samples == 0 for v in reply.web_vitals)
         assert reply.funnel.started_sessions == 0 and reply.funnel.biggest_drop_off_step == ""
+
+
+async def test_windows_read_the_sketch_of_their_grain(monitoring_down: Analytics) -> None:
+    """15m and 1h read the 5-minute, per-page sketch; 24h, 7d and 30d the hourly one. Both are
+    kept by ingest from the same contributions, so on the same data they give the same p75."""
+    a = monitoring_down
+    run = uuid.uuid4().hex[:8]
+    at = datetime.now(UTC) - timedelta(minutes=10)
+    values = [900.0, 1500.0, 2100.0, 2700.0, 3300.0, 3900.0, 4500.0, 5100.0]
+    request = analytics_pb2.RecordPerformanceMetricsRequest()
+    for i, value in enumerate(values):
+        m = request.metrics.add(
+            metric_id=f"{run}-{i}", session_id="s", name="LCP", value=value, page=f"/p{i % 3}"
+        )
+        m.timestamp.FromDatetime(at)
+    assert (await a.stub.RecordPerformanceMetrics(request, timeout=10)).accepted == len(values)
+    request.metrics[0].value = 6000.0  # a re-report moves the contribution in both sketches
+    del request.metrics[1:]
+    assert (await a.stub.RecordPerformanceMetrics(request, timeout=10)).accepted == 1
+    expected = p75([6000.0, *values[1:]])
+
+    board = find_dashboard(a.app)
+
+    async def lcp(window: str) -> analytics_pb2.WebVitalSummary:
+        reply = await board.compute(parse_window(window, "24h"))
+        return next(v for v in reply.web_vitals if v.name == "LCP")
+
+    results = {window: await lcp(window) for window in ("15m", "1h", "24h", "7d", "30d")}
+    assert {w: (v.samples, v.p75) for w, v in results.items()} == {
+        w: (len(values), results["1h"].p75) for w in results
+    }
+    assert results["1h"].p75 == pytest.approx(expected, rel=RELATIVE_ACCURACY)
+
+    # Without the hourly sketch only the long windows lose their p75 (samples come from
+    # rollup_metrics); without the 5-minute one only the short windows do.
+    pool = a.app.pool
+    assert pool is not None
+    hourly = await pool.fetch("DELETE FROM rollup_metric_bins_hourly RETURNING hour_start, name, bin, count")
+    assert len(hourly) > 0
+    short, long = await lcp("1h"), await lcp("24h")
+    assert (short.samples, short.p75) == (len(values), results["1h"].p75)
+    assert (long.samples, long.p75) == (len(values), 0.0)
+    async with pool.acquire() as conn:
+        await conn.copy_records_to_table("rollup_metric_bins_hourly", records=[tuple(r) for r in hourly])
+    await pool.execute("DELETE FROM rollup_metric_bins")
+    short, long = await lcp("1h"), await lcp("24h")
+    assert (short.samples, short.p75) == (len(values), 0.0)
+    assert (long.samples, long.p75) == (len(values), results["1h"].p75)
 
 
 async def test_burst_computes_once_and_is_cached(with_monitoring: Analytics) -> None:

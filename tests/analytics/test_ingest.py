@@ -224,18 +224,43 @@ async def test_web_vitals_are_rated_on_the_server(svc: Svc) -> None:
     assert (stats["PAGE_LOAD"]["good"], stats["PAGE_LOAD"]["poor"], stats["PAGE_LOAD"]["count"]) == (0, 0, 1)
 
 
+async def sketch_mismatches(db: asyncpg.Connection) -> list[asyncpg.Record]:
+    """(hour, name, bin) whose hourly sketch count differs from the sum of its 5-minute,
+    per-page counts, or where either count is negative; [] when the two agree."""
+    return await db.fetch(
+        """
+        WITH five AS (
+            SELECT date_bin('1 hour', bucket_start, timestamptz 'epoch') AS hour_start, name, bin,
+                   sum(count) AS five, min(count) AS least
+            FROM rollup_metric_bins GROUP BY 1, 2, 3
+        )
+        SELECT hour_start, name, bin, five.five, h.count AS hourly
+        FROM five FULL JOIN rollup_metric_bins_hourly h USING (hour_start, name, bin)
+        WHERE coalesce(five.five, 0) <> coalesce(h.count, 0) OR five.least < 0 OR h.count < 0
+        """
+    )
+
+
 async def _metric_state(svc: Svc, name: str) -> dict[str, Any]:
     raw = await svc.db.fetch("SELECT value, rating, delta FROM metrics WHERE name = $1", name)
     stats = await svc.db.fetchrow("SELECT * FROM rollup_metrics WHERE name = $1", name)
     bins = await svc.db.fetch(
-        "SELECT bin, count FROM rollup_metric_bins WHERE name = $1 AND count <> 0", name
+        "SELECT bin, sum(count) AS n FROM rollup_metric_bins WHERE name = $1 GROUP BY bin HAVING sum(count) <> 0",
+        name,
     )
+    hourly = await svc.db.fetch(
+        "SELECT bin, sum(count) AS n FROM rollup_metric_bins_hourly WHERE name = $1 GROUP BY bin"
+        " HAVING sum(count) <> 0",
+        name,
+    )
+    assert await sketch_mismatches(svc.db) == []
     return {
         "raw": [(r["value"], r["rating"], r["delta"]) for r in raw],
         "count": stats["count"],
         "sum": stats["sum"],
         "ratings": (stats["good"], stats["needs_improvement"], stats["poor"]),
-        "bins": {r["bin"]: r["count"] for r in bins},
+        "bins": {r["bin"]: r["n"] for r in bins},
+        "hourly_bins": {r["bin"]: r["n"] for r in hourly},
     }
 
 
@@ -270,7 +295,7 @@ async def test_latest_metric_value_wins_and_the_rollup_moves(svc: Svc) -> None:
     assert state["count"] == 1  # moved, not added
     assert state["sum"] == pytest.approx(0.3)
     assert state["ratings"] == (0, 0, 1)
-    assert state["bins"] == {sketch.bin_of(0.3): 1}
+    assert state["bins"] == state["hourly_bins"] == {sketch.bin_of(0.3): 1}
     key = await svc.db.fetchrow("SELECT * FROM metric_keys WHERE metric_id = $1", mid)
     assert (key["value"], key["rating"], key["bin"], key["occurred_at"]) == (
         0.3,
@@ -312,8 +337,70 @@ async def test_concurrent_metric_updates_keep_the_rollup_consistent(svc: Svc) ->
     assert state["count"] == len(ids)
     assert state["sum"] == pytest.approx(800.0 * len(ids))
     assert state["ratings"] == (0, 0, len(ids))
-    assert state["bins"] == {sketch.bin_of(800.0): len(ids)}
+    assert state["bins"] == state["hourly_bins"] == {sketch.bin_of(800.0): len(ids)}
     assert await svc.db.fetchval("SELECT count(*) FROM metrics") == len(ids)
+
+
+async def test_hourly_sketch_stays_the_sum_of_the_5_minute_one(svc: Svc) -> None:
+    """rollup_metric_bins_hourly (per hour, no page) equals rollup_metric_bins summed per hour
+    after new metrics over several hours and pages, re-reports (latest value wins, also with a
+    later timestamp in another hour, also twice in one batch) and concurrent flushes."""
+    hour = datetime.fromtimestamp(datetime.now(UTC).timestamp() // 3600 * 3600, UTC) - timedelta(hours=3)
+    times = [hour + timedelta(minutes=m) for m in (1, 7, 33, 59, 61, 62, 118, 125)]
+    pages = ["/a", "/b", ""]
+    names = ["LCP", "INP", "CLS"]
+    ids = [uid("h") for _ in range(48)]
+
+    def spec(i: int, value: float, at: datetime | None = None) -> analytics_pb2.PerformanceMetric:
+        return metric(
+            ids[i],
+            names[i % 3],
+            value,
+            page=pages[i % len(pages)],
+            timestamp=ts(at or times[i % len(times)]),
+        )
+
+    async def send(*items: analytics_pb2.PerformanceMetric) -> tuple[int, int]:
+        reply = await svc.stub.RecordPerformanceMetrics(
+            analytics_pb2.RecordPerformanceMetricsRequest(metrics=list(items))
+        )
+        return reply.accepted, reply.duplicates
+
+    assert await send(*(spec(i, 100.0 + 37 * i) for i in range(len(ids)))) == (len(ids), 0)
+    assert await sketch_mismatches(svc.db) == []
+    hours = await svc.db.fetch("SELECT DISTINCT hour_start FROM rollup_metric_bins_hourly ORDER BY 1")
+    assert [r["hour_start"] for r in hours] == [hour, hour + timedelta(hours=1), hour + timedelta(hours=2)]
+
+    # Re-reports: new values (one a timestamp two hours later), unchanged ones, the same id twice
+    # in one batch, and two concurrent requests moving overlapping ids.
+    moved = await send(
+        spec(0, 5000.0, at=times[0] + timedelta(hours=2)),
+        spec(1, 100.0 + 37),  # unchanged: a duplicate
+        spec(2, 9.0),
+        spec(2, 11.0),  # the last in the batch wins
+    )
+    assert moved == (3, 1)
+    await asyncio.gather(
+        send(*(spec(i, 3000.0 + i) for i in range(3, 30))),
+        send(*(spec(i, 4000.0 + i) for i in range(20, 48))),
+    )
+    assert await sketch_mismatches(svc.db) == []
+
+    # The contribution stayed in the first report's hour (and 5-minute bucket), at the new bin.
+    first_hour = await svc.db.fetch(
+        "SELECT bin, count FROM rollup_metric_bins_hourly WHERE hour_start = $1 AND name = 'LCP' AND count <> 0",
+        hour,
+    )
+    counts = {r["bin"]: r["count"] for r in first_hour}
+    assert counts.get(sketch.bin_of(5000.0)) == 1
+    assert sketch.bin_of(100.0) not in counts
+    total = await svc.db.fetchval("SELECT sum(count) FROM rollup_metric_bins_hourly")
+    assert total == await svc.db.fetchval("SELECT count(*) FROM metrics") == len(ids)
+    current = await svc.db.fetch("SELECT name, bin, count(*) AS n FROM metric_keys GROUP BY 1, 2")
+    hourly = await svc.db.fetch(
+        "SELECT name, bin, sum(count) AS n FROM rollup_metric_bins_hourly GROUP BY 1, 2 HAVING sum(count) <> 0"
+    )
+    assert {(r["name"], r["bin"]): r["n"] for r in hourly} == {(r["name"], r["bin"]): r["n"] for r in current}
 
 
 # -------------------------------------------------------------------------------- steps

@@ -4,13 +4,34 @@ rollups deleted, safe with several replicas running maintenance at once."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
+from typing import Any
 
 import asyncpg
+import grpc
+import pytest
 
+from cosnap.analytics.v1 import analytics_pb2, analytics_pb2_grpc
 from services.analytics import app as analytics_app
 from services.analytics.partitions import PARTITIONED, PartitionMaintainer, partition_name
+from services.servicekit.server import ServiceApp
+from tests.analytics.test_ingest import sketch_mismatches
 from tests.conftest import StartService
+
+
+@pytest.fixture
+async def connect_analytics() -> AsyncIterator[Any]:
+    channels: list[grpc.aio.Channel] = []
+
+    def make(app: ServiceApp) -> analytics_pb2_grpc.AnalyticsServiceStub:
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
+        channels.append(channel)
+        return analytics_pb2_grpc.AnalyticsServiceStub(channel)
+
+    yield make
+    for channel in channels:
+        await channel.close()
 
 
 async def partitions(pool: asyncpg.Pool, schema: str) -> dict[str, set[str]]:
@@ -92,6 +113,53 @@ async def test_expired_partitions_keys_and_rollups_go(start_service: StartServic
     assert sorted(result.dropped) == sorted(partition_name(p, oldest) for p in PARTITIONED)
     ahead = later.date() + timedelta(days=1)
     assert sorted(result.created) == sorted(partition_name(p, ahead) for p in PARTITIONED)
+
+
+async def test_retention_drops_whole_hours_from_5_minute_and_hourly_rollups_alike(
+    start_service: StartService, connect_analytics: Any
+) -> None:
+    """With the cutoff in the middle of an hour, the 5-minute rollups and the hourly sketch keep
+    that whole hour (and its metrics' keys) and drop the hour before it entirely: the hourly
+    sketch remains the sum of the 5-minute one after retention, as after ingest."""
+    app = await start_service(analytics_app, analytics_retention_days=3, analytics_partition_days_ahead=1)
+    assert app.pool is not None
+    stub = connect_analytics(app)
+    now = datetime.now(UTC)
+    hour = datetime.fromtimestamp(now.timestamp() // 3600 * 3600, UTC) - timedelta(days=2)
+    request = analytics_pb2.RecordPerformanceMetricsRequest()
+    for i, minutes in enumerate((-50, -5, 10, 20, 40, 55, 65, 100)):  # hour - 1h .. hour + 1h
+        m = request.metrics.add(
+            metric_id=f"m{i}", session_id="s", name="LCP", value=1000.0 + 100 * i, page=f"/p{i % 2}"
+        )
+        m.timestamp.FromDatetime(hour + timedelta(minutes=minutes))
+    assert (await stub.RecordPerformanceMetrics(request, timeout=10)).accepted == 8
+    # A re-report moves one contribution before retention runs.
+    request.metrics[3].value = 7000.0
+    del request.metrics[4:]
+    del request.metrics[:3]
+    assert (await stub.RecordPerformanceMetrics(request, timeout=10)).accepted == 1
+    async with app.pool.acquire() as conn:
+        assert await sketch_mismatches(conn) == []
+
+    # Later, with the cutoff at hour + 30 min.
+    maintainer = analytics_app.state(app).maintainer
+    await maintainer.run_once(hour + timedelta(days=3, minutes=30))
+    async with app.pool.acquire() as conn:
+        assert await sketch_mismatches(conn) == []
+        hourly = await conn.fetch(
+            "SELECT hour_start, sum(count) AS n FROM rollup_metric_bins_hourly GROUP BY 1 ORDER BY 1"
+        )
+        five = await conn.fetch(
+            "SELECT bucket_start, sum(count) AS n FROM rollup_metric_bins GROUP BY 1 HAVING sum(count) <> 0"
+            " ORDER BY 1"
+        )
+        stats = await conn.fetchval("SELECT sum(count) FROM rollup_metrics")
+        keys = await conn.fetchval("SELECT count(*) FROM metric_keys")
+    assert [(r["hour_start"], r["n"]) for r in hourly] == [(hour, 4), (hour + timedelta(hours=1), 2)]
+    assert [r["bucket_start"] for r in five] == [
+        hour + timedelta(minutes=m) for m in (10, 20, 40, 55, 65, 100)
+    ]  # 10 and 20 lie before the cutoff, in its hour: kept
+    assert stats == keys == 6  # a metric's key lives as long as its contribution
 
 
 async def test_replicas_run_maintenance_concurrently(start_service: StartService) -> None:

@@ -94,6 +94,19 @@ CREATE TABLE rollup_metric_bins (
     count        bigint      NOT NULL,
     PRIMARY KEY (bucket_start, name, page, bin)
 );
+-- The same sketch per hour, without the page: what the dashboard reads for
+-- windows of 24h and more (trend buckets of an hour or more). Per page and
+-- 5 minutes the sketch has ~80x more rows (4.9 M against 61 k at 10 M metric
+-- rows a day). hour_start = date_bin('1 hour', occurred_at, epoch), and every
+-- hour's row equals the sum of its 5-minute rows over all pages: both tables
+-- are upserted from the same contributions in the same transaction.
+CREATE TABLE rollup_metric_bins_hourly (
+    hour_start timestamptz NOT NULL,
+    name       text        NOT NULL,
+    bin        integer     NOT NULL,
+    count      bigint      NOT NULL,
+    PRIMARY KEY (hour_start, name, bin)
+);
 -- Count, sum and rating shares per metric.
 CREATE TABLE rollup_metrics (
     bucket_start      timestamptz      NOT NULL,
