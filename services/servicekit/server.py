@@ -198,25 +198,41 @@ class ServiceApp:
         for descriptor, _, _ in self._services:
             await self.health.set(descriptor.full_name, status)
 
-    async def _watch_database(self, interval: float = 2.0) -> None:
-        """Readiness follows PostgreSQL: NOT_SERVING while it is down, back when it returns."""
-        assert self.pool is not None
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await db.ping(self.pool)
-                healthy = True
-            except Exception as exc:  # any failure to answer is "down"
-                healthy = False
-                if self.db_healthy:
-                    log.error("postgres down", extra={"error": repr(exc)})
-            DEPENDENCY_UP.labels("postgres").set(1 if healthy else 0)
-            if healthy != self.db_healthy:
-                if healthy:
-                    log.info("postgres back")
-                self.db_healthy = healthy
-                if not self._stopping.is_set():
-                    await self._set_ready(healthy)
+    async def _watch_database(self, interval: float = 2.0, failures_to_trip: int = 2) -> None:
+        """Readiness follows PostgreSQL: NOT_SERVING while it is down, back when it returns.
+
+        The probe has a connection of its own, so a pool busy with real work
+        never reads as an outage, and it takes `failures_to_trip` failed checks
+        in a row to turn readiness off (one slow answer under load is not down).
+        """
+        conn: asyncpg.Connection | None = None
+        failures = 0
+        try:
+            while True:
+                await asyncio.sleep(interval)
+                try:
+                    if conn is None or conn.is_closed():
+                        conn = await asyncpg.connect(self.settings.database_url, timeout=interval)
+                    await conn.fetchval("SELECT 1", timeout=interval)
+                    failures = 0
+                except Exception as exc:  # any failure to answer counts
+                    failures += 1
+                    if conn is not None:
+                        conn.terminate()
+                        conn = None
+                    if failures == failures_to_trip:
+                        log.error("postgres down", extra={"error": repr(exc)})
+                healthy = failures < failures_to_trip
+                DEPENDENCY_UP.labels("postgres").set(1 if healthy else 0)
+                if healthy != self.db_healthy:
+                    if healthy:
+                        log.info("postgres back")
+                    self.db_healthy = healthy
+                    if not self._stopping.is_set():
+                        await self._set_ready(healthy)
+        finally:
+            if conn is not None:
+                conn.terminate()
 
     async def dependency_status(self) -> dict[str, tuple[str, float]]:
         """(status, check latency ms) of PostgreSQL and Redis: healthy,
