@@ -3,17 +3,21 @@ one bad item fails the whole batch, and nothing of it is stored."""
 
 from __future__ import annotations
 
+import json
 import math
+import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 
 import asyncpg
 import grpc
 import pytest
-from google.protobuf import struct_pb2, timestamp_pb2
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from google.rpc import error_details_pb2
 
 from cosnap.analytics.v1 import analytics_pb2, analytics_pb2_grpc
 from services.analytics import app as analytics_app
@@ -240,3 +244,330 @@ async def test_batches_are_all_or_nothing_over_grpc(
     reply = await client.RecordEvents(analytics_pb2.RecordEventsRequest(events=good))
     assert (reply.accepted, reply.duplicates) == (10, 0)
     assert await pool.fetchval("SELECT count(*) FROM events") == 10
+
+
+# ------------------------------------------------- the fast path and its encoder
+#
+# validate_* try a fast path first and fall back to the checked path (the
+# reference: `_plain` + json, `_check_id`, `_occurred_at`, ...) for anything it
+# declines. These tests pin that the fast path produces the checked path's rows
+# exactly and never accepts what the checked path rejects.
+
+KEYS = ("a", "effectId", "é", "ключ", "emoji😀", 'quo"te', "back\\slash", "tab\tnl\n", "\x00ctl", "", " ")
+STRINGS = ("", "x", "fx-12", "ünïcødé", "中文", "😀🎉", '"', "\\", "\u2028\u2029", "\x01\x1f", "</script>")
+NUMBERS = (
+    0.0,
+    -0.0,
+    1.0,
+    -1.0,
+    42.0,
+    0.5,
+    -2.25,
+    1e-300,
+    1e300,
+    1e20,
+    2.0**53 - 1,
+    2.0**53,
+    -(2.0**53),
+    2.0**53 + 2,
+    123456789.125,
+    5e-324,
+    1.7976931348623157e308,
+)
+
+
+def random_value(rng: random.Random, depth: int) -> Any:
+    """A plain value for Struct.update, containers only below MAX_PROPERTIES_DEPTH."""
+    roll = rng.random()
+    if depth < validation.MAX_PROPERTIES_DEPTH and roll < 0.15:
+        return {
+            rng.choice(KEYS) + str(rng.randrange(3)): random_value(rng, depth + 1)
+            for _ in range(rng.randrange(4))
+        }
+    if depth < validation.MAX_PROPERTIES_DEPTH and roll < 0.3:
+        return [random_value(rng, depth + 1) for _ in range(rng.randrange(4))]
+    if roll < 0.5:
+        return rng.choice(STRINGS) + rng.choice(("", str(rng.random())))
+    if roll < 0.65:
+        return rng.choice(NUMBERS) * rng.choice((1, -1))
+    if roll < 0.8:
+        return rng.uniform(-1e6, 1e6) if rng.random() < 0.5 else float(rng.randrange(-(10**6), 10**6))
+    if roll < 0.9:
+        return rng.random() < 0.5
+    return None
+
+
+def random_struct(rng: random.Random) -> struct_pb2.Struct:
+    out = struct_pb2.Struct()
+    out.update({rng.choice(KEYS) + str(i): random_value(rng, 1) for i in range(rng.randrange(1, 8))})
+    return out
+
+
+def reference_json(struct: struct_pb2.Struct) -> str:
+    return validation._to_json({k: validation._plain(v, 1) for k, v in struct.fields.items()})
+
+
+def test_struct_json_matches_the_reference_on_random_structs() -> None:
+    rng = random.Random(20240607)
+    for _ in range(2000):
+        struct = random_struct(rng)
+        # Through the wire, like a request.
+        struct = struct_pb2.Struct.FromString(struct.SerializeToString())
+        text = validation.struct_json(struct.fields)
+        assert text == reference_json(struct)
+        assert json.loads(text) == json_format.MessageToDict(struct)
+
+
+def test_struct_json_numbers() -> None:
+    def encode(number: float) -> str:
+        struct = struct_pb2.Struct(fields={"n": struct_pb2.Value(number_value=number)})
+        return validation.struct_json(struct.fields)
+
+    assert encode(3.0) == '{"n":3}'
+    assert encode(-0.0) == '{"n":0}'
+    assert encode(0.5) == '{"n":0.5}'
+    assert encode(2.0**53 - 1) == '{"n":9007199254740991}'
+    assert encode(2.0**53) == '{"n":9007199254740992.0}'  # beyond exact integers: a float
+    assert encode(1e300) == '{"n":1e+300}'
+    for bad in (math.nan, math.inf, -math.inf):
+        with pytest.raises(validation.Declined):
+            encode(bad)
+        nested_bad = struct_pb2.Struct()
+        nested_bad.update({"a": [1, {"b": [bad]}]})
+        with pytest.raises(validation.Declined):
+            validation.struct_json(nested_bad.fields)
+
+
+def test_struct_json_unicode_and_escapes() -> None:
+    struct = struct_pb2.Struct()
+    struct.update({"ключ": "значение 😀", 'q"': "a\\b\n\x00", "\u2028": ["é", {"中": True, "n": None}]})
+    text = validation.struct_json(struct.fields)
+    assert text == reference_json(struct)
+    assert "ключ" in text and "😀" in text and "\\u0000" in text  # not \u-escaped, except control characters
+
+
+def nested_lists(depth: int) -> struct_pb2.Struct:
+    """{"a": [[...[1]...]]} with `depth` containers in all (the object included)."""
+    inner: Any = 1
+    for _ in range(depth - 1):
+        inner = [inner]
+    out = struct_pb2.Struct()
+    out.update({"a": inner})
+    return out
+
+
+@pytest.mark.parametrize("make", [nested, nested_lists])
+def test_depth_limit_exactly_at_the_boundary(make: Callable[[int], struct_pb2.Struct]) -> None:
+    limit = validation.MAX_PROPERTIES_DEPTH
+    assert validation.struct_json(make(limit).fields) == reference_json(make(limit))
+    with pytest.raises(validation.Declined):
+        validation.struct_json(make(limit + 1).fields)
+    request = analytics_pb2.RecordEventsRequest(
+        events=[ev(properties=make(limit)), ev(properties=make(limit + 1))]
+    )
+    assert violations_of(lambda: validation.validate_events(request, time.time(), LIMITS)) == [
+        ("events[1].properties", f"must not be nested more than {limit} levels deep")
+    ]
+
+
+def violations_of(call: Callable[[], Any]) -> list[tuple[str, str]]:
+    with pytest.raises(ServiceError) as err:
+        call()
+    (detail,) = err.value.details
+    bad = error_details_pb2.BadRequest()
+    assert detail.Unpack(bad)
+    return [(v.field, v.description) for v in bad.field_violations]
+
+
+def sized(total: int, filler: str = "x", shape: str = "flat") -> struct_pb2.Struct:
+    """Properties whose compact JSON is exactly `total` UTF-8 bytes."""
+    wrap = {"flat": ('{"s":"', '"}'), "list": ('{"l":[1,"', '"]}'), "deep": ('{"a":{"b":["', '"]}}')}
+    head, tail = wrap[shape]
+    room = total - len(head.encode()) - len(tail.encode())
+    width = len(filler.encode())
+    text = filler * (room // width) + "x" * (room % width)
+    value: Any = {"flat": text, "list": [1, text], "deep": {"b": [text]}}[shape]
+    out = struct_pb2.Struct()
+    out.update({"flat": {"s": value}, "list": {"l": value}, "deep": {"a": value}}[shape])
+    assert len(reference_json(out).encode()) == total
+    return out
+
+
+@pytest.mark.parametrize("shape", ["flat", "list", "deep"])
+@pytest.mark.parametrize("filler", ["x", "é", "中", "😀"])
+def test_size_limit_exactly_at_the_boundary(shape: str, filler: str) -> None:
+    limit = validation.MAX_PROPERTIES_BYTES
+    fits, too_big = sized(limit, filler, shape), sized(limit + 1, filler, shape)
+    # The fast path itself takes the largest and declines one byte more.
+    assert validation._properties_json(fits) == reference_json(fits)
+    with pytest.raises(validation.Declined):
+        validation._properties_json(too_big)
+    request = analytics_pb2.RecordEventsRequest(events=[ev(properties=fits)])
+    (row,) = validation.validate_events(request, time.time(), LIMITS)
+    assert row[5] == reference_json(fits) and len(row[5].encode()) == limit
+    request = analytics_pb2.RecordEventsRequest(events=[ev(properties=fits), ev(properties=too_big)])
+    assert violations_of(lambda: validation.validate_events(request, time.time(), LIMITS)) == [
+        ("events[1].properties", f"must be at most {limit} bytes as JSON")
+    ]
+
+
+def test_size_limit_bounds_the_work_on_huge_properties() -> None:
+    wide = struct_pb2.Struct()
+    wide.update({f"k{i}": i for i in range(50_000)})
+    with pytest.raises(validation.Declined):
+        validation.struct_json(wide.fields)
+    request = analytics_pb2.RecordEventsRequest(events=[ev(properties=wide)])
+    assert violations_of(lambda: validation.validate_events(request, time.time(), LIMITS)) == [
+        ("events[0].properties", f"must be at most {validation.MAX_PROPERTIES_BYTES} bytes as JSON")
+    ]
+
+
+def test_non_finite_numbers_are_named_wherever_they_are() -> None:
+    for bad in (math.nan, math.inf, -math.inf):
+        props = struct_pb2.Struct()
+        props.update({"ok": 1, "list": [{"x": bad}]})
+        request = analytics_pb2.RecordEventsRequest(events=[ev(), ev(properties=props)])
+        assert violations_of(partial(validation.validate_events, request, time.time(), LIMITS)) == [
+            ("events[1].properties", "numbers must be finite")
+        ]
+
+
+def test_an_explicit_epoch_timestamp_is_not_taken_for_an_absent_one() -> None:
+    request = analytics_pb2.RecordEventsRequest(events=[ev(timestamp=timestamp_pb2.Timestamp())])
+    assert violations_of(lambda: validation.validate_events(request, time.time(), LIMITS)) == [
+        ("events[0].timestamp", "is older than the retention period")
+    ]
+    steps = analytics_pb2.RecordFunnelStepsRequest(
+        steps=[
+            analytics_pb2.FunnelStep(
+                step_id="s", session_id="s", step="effect_viewed", timestamp=timestamp_pb2.Timestamp()
+            )
+        ]
+    )
+    assert violations_of(lambda: validation.validate_steps(steps, time.time(), LIMITS)) == [
+        ("steps[0].timestamp", "is older than the retention period")
+    ]
+
+
+def random_text(rng: random.Random, limit: int) -> str:
+    return rng.choice(
+        (
+            "",
+            "id-" + str(rng.randrange(1000)),
+            "x" * limit,
+            "x" * (limit + 1),
+            "bad\nid",
+            "ünï",
+            "\u00a0nbsp",
+            "tab\t",
+        )
+    )
+
+
+def test_fast_and_checked_paths_agree_on_random_items() -> None:
+    """Every item through validate_* equals the checked path's row; every
+    violation is the checked path's, in its order."""
+    rng = random.Random(7)
+    now = time.time()
+    clock = validation._Clock(now, LIMITS.retention_days)
+    stamps = [
+        None,
+        timestamp_pb2.Timestamp(),
+        ts(NOW),
+        ts(NOW + timedelta(minutes=4, microseconds=999_999)),
+        ts(NOW + timedelta(minutes=6)),
+        ts(NOW - timedelta(days=31)),
+        timestamp_pb2.Timestamp(seconds=int(now), nanos=-1),
+        timestamp_pb2.Timestamp(seconds=int(now), nanos=999_999_999),
+    ]
+    types = ("page_view", "share", "", "PageView", "a" * 64, "a" * 65, "x-y", "9lives")
+
+    def stamp(item: Any) -> None:
+        chosen = rng.choice(stamps)
+        if chosen is not None:
+            item.timestamp.CopyFrom(chosen)
+
+    def props(item: Any) -> None:
+        roll = rng.random()
+        if roll < 0.3:
+            item.properties.CopyFrom(random_struct(rng))
+        elif roll < 0.35:
+            item.properties.CopyFrom(struct_pb2.Struct())
+        elif roll < 0.4:
+            item.properties.CopyFrom(nested(6))
+        elif roll < 0.45:
+            item.properties.CopyFrom(sized(validation.MAX_PROPERTIES_BYTES + rng.choice((0, 1)), "é"))
+
+    for _ in range(300):
+        events = analytics_pb2.RecordEventsRequest()
+        metrics = analytics_pb2.RecordPerformanceMetricsRequest()
+        steps = analytics_pb2.RecordFunnelStepsRequest()
+        for _ in range(rng.randrange(1, 6)):
+            e = events.events.add(
+                event_id=random_text(rng, 128),
+                session_id=random_text(rng, 128),
+                user_id=random_text(rng, 128),
+                event_type=rng.choice(types),
+                page=random_text(rng, 2048),
+            )
+            stamp(e)
+            props(e)
+            m = metrics.metrics.add(
+                metric_id=random_text(rng, 128),
+                session_id=random_text(rng, 128),
+                user_id=random_text(rng, 128),
+                name=rng.choice(("LCP", "CLS", "API_RESPONSE", "", "lcp")),
+                value=rng.choice((0.0, -0.0, 1.5, 5000.0, -1.0, math.inf, math.nan)),
+                delta=rng.choice((0.0, -3.5, math.inf, math.nan)),
+                navigation_type=random_text(rng, 64),
+                page=random_text(rng, 2048),
+            )
+            for _ in range(rng.choice((0, 0, 1, 3, 33))):
+                m.attributes[random_text(rng, 256) + str(rng.randrange(50))] = random_text(rng, 256)
+            stamp(m)
+            s = steps.steps.add(
+                step_id=random_text(rng, 128),
+                session_id=random_text(rng, 128),
+                user_id=random_text(rng, 128),
+                step=rng.choice(("effect_viewed", "result_shared", "", "checkout")),
+                effect_id=random_text(rng, 128),
+            )
+            stamp(s)
+            props(s)
+        for request, items, validate, checked in (
+            (events, events.events, validation.validate_events, validation._event_row),
+            (metrics, metrics.metrics, validation.validate_metrics, validation._metric_row),
+            (steps, steps.steps, validation.validate_steps, validation._step_row),
+        ):
+            request = type(request).FromString(request.SerializeToString())
+            items = getattr(
+                request, items.DESCRIPTOR.name if False else type(request).DESCRIPTOR.fields[0].name
+            )
+            expected_violations = validation.FieldViolations()
+            expected = [checked(item, i, clock, expected_violations) for i, item in enumerate(items)]
+            if expected_violations:
+                assert violations_of(partial(validate, request, now, LIMITS)) == expected_violations.items
+            else:
+                assert validate(request, now, LIMITS) == expected
+
+
+def test_metric_attributes_json_matches_the_reference() -> None:
+    attributes = {"endpoint": "/api/ключ", 'q"': "a\\b\n", "😀": "", "k": "中"}
+    request = analytics_pb2.RecordPerformanceMetricsRequest(metrics=[m(attributes=attributes)])
+    (row,) = validation.validate_metrics(request, time.time(), LIMITS)
+    assert row[9] == validation._to_json(dict(request.metrics[0].attributes))
+
+
+def test_caches_stay_bounded() -> None:
+    for i in range(validation._CACHE_MAX + 50):
+        request = analytics_pb2.RecordEventsRequest(
+            events=[
+                ev(
+                    event_type=f"type_{i}",
+                    properties=struct_pb2.Struct(fields={f"key{i}": struct_pb2.Value()}),
+                )
+            ]
+        )
+        validation.validate_events(request, time.time(), LIMITS)
+    assert len(validation._event_types) <= validation._CACHE_MAX
+    assert len(validation._key_json) <= validation._CACHE_MAX
