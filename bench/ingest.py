@@ -9,6 +9,7 @@
    batches of 1 to the echo server), measuring requests/s, events/s and the p50/p99
    acknowledgement latency (an ack means committed);
 3. measures raw binary COPY rows/s of the same rows into an unindexed table;
+   also the service process's CPU time per event for each batch size (from /proc, Linux);
 4. prints the ratios: batch-1 req/s / echo req/s (goal >= 0.5) and
    batch-200 events/s / COPY rows/s (goal >= 0.3), checks every event was stored,
    and drops its schema.
@@ -150,6 +151,16 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait(10)
 
 
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process so far (Linux /proc), None elsewhere."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _flush_stats(metrics_port: int) -> dict[str, float]:
     """Rows per group commit and flush time, scraped from the service's /metrics."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
@@ -230,12 +241,19 @@ async def run(scale: float = 1.0, log_dir: Path | None = None) -> dict[str, Any]
         await asyncio.to_thread(wait_serving, f"127.0.0.1:{port}", 60)
         for batch in (1, 20, 200):
             before = _flush_stats(metrics_port)
+            cpu_before = _cpu_seconds(service.pid)
             figures = await drive(f"127.0.0.1:{port}", payloads[batch])
+            cpu_after = _cpu_seconds(service.pid)
             after = _flush_stats(metrics_port)
             flushes = after["flushes"] - before["flushes"]
             figures["events_per_second"] = round(figures["requests_per_second"] * batch, 1)
             figures["flushes"] = flushes
             figures["events_per_flush"] = round(figures["requests"] * batch / flushes, 1) if flushes else 0
+            # The service's own CPU per event: steadier than throughput on a shared machine.
+            if cpu_before is not None and cpu_after is not None:
+                cpu = cpu_after - cpu_before
+                figures["service_cpu_percent"] = round(cpu / figures["seconds"] * 100, 1)
+                figures["service_cpu_us_per_event"] = round(cpu / (figures["requests"] * batch) * 1e6, 1)
             result[f"batch_{batch}"] = figures
     finally:
         _stop(service)
@@ -275,7 +293,12 @@ def print_result(result: dict[str, Any]) -> None:
         f = result[f"batch_{batch}"]
         print(
             f"  batch {batch:>3}: {f['requests_per_second']:>9,} req/s {f['events_per_second']:>10,} events/s"
-            f"  ack p50 {f['p50_ms']} ms p99 {f['p99_ms']} ms  ({f['events_per_flush']} events/flush)"
+            f"  ack p50 {f['p50_ms']} ms p99 {f['p99_ms']} ms  ({f['events_per_flush']} events/flush"
+            + (
+                f", service CPU {f['service_cpu_percent']}%, {f['service_cpu_us_per_event']} us/event)"
+                if "service_cpu_us_per_event" in f
+                else ")"
+            )
         )
     print(
         f"  batch-1 req/s / echo req/s = {result['ratio_batch1_vs_echo']} (goal >= 0.5); "
