@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
-import json
 from typing import Any
 
-from bench import ingest
+from bench import dashboard, ingest
 
 
 async def main(scale: float, only: str | None) -> dict[str, Any]:
@@ -17,15 +15,9 @@ async def main(scale: float, only: str | None) -> dict[str, Any]:
     if only in (None, "ingest"):
         results["ingest"] = await ingest.run(scale)
         ingest.print_result(results["ingest"])
-    if only in (None, "dashboard") and importlib.util.find_spec("bench.dashboard") is not None:
-        from bench import dashboard
-
+    if only in (None, "dashboard"):
         results["dashboard"] = await dashboard.run(scale)
-        show = getattr(dashboard, "_print", None)
-        if callable(show):
-            show(results["dashboard"])
-        else:
-            print(json.dumps(results["dashboard"], default=str))
+        dashboard.print_result(results["dashboard"])
     return results
 
 

@@ -375,7 +375,7 @@ async def run(scale: float = 1.0, cold_calls: int = 20, warm_calls: int = 500) -
     return result
 
 
-def _print(result: dict[str, Any]) -> None:
+def print_result(result: dict[str, Any]) -> None:
     print(f"dashboard benchmark: {result['rows']:,} metric rows over 24 h")
     print(f"  COPY: {result['copy_seconds']} s ({result['copy_rows_per_second']:,} rows/s)")
     print(f"  rollups built (s): {result['rollup_seconds']}")
@@ -401,7 +401,7 @@ def main() -> None:
     parser.add_argument("--cold", type=int, default=20, help="cold calls per window")
     parser.add_argument("--warm", type=int, default=500, help="warm calls per window")
     args = parser.parse_args()
-    _print(asyncio.run(run(args.scale, args.cold, args.warm)))
+    print_result(asyncio.run(run(args.scale, args.cold, args.warm)))
 
 
 if __name__ == "__main__":
