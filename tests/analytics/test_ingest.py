@@ -446,9 +446,9 @@ async def test_shutdown_flushes_queued_rows_and_then_refuses(start_service: Star
 
 
 def counts(body: dict[str, Any]) -> tuple[int, int]:
-    """(accepted, duplicates) of a JSON reply (proto3 JSON may omit zeros)."""
-    assert set(body) <= {"accepted", "duplicates"}, body
-    return body.get("accepted", 0), body.get("duplicates", 0)
+    """(accepted, duplicates) of a JSON reply: both always present, zeros included."""
+    assert set(body) == {"accepted", "duplicates"}, body
+    return body["accepted"], body["duplicates"]
 
 
 async def test_rest_edge_ingests_and_rejects_with_field_violations(svc: Svc, start_edge: Any) -> None:
