@@ -44,7 +44,7 @@ from tests.support import DATABASE_URL, ROOT, free_port, service_env, spawn_serv
 CONCURRENCY = 64
 METHOD = "/cosnap.analytics.v1.AnalyticsService/RecordEvents"
 # Requests per run at scale 1 (batch size -> requests).
-REQUESTS = {1: 8000, 20: 1500, 200: 300}
+REQUESTS = {1: 8000, 20: 2000, 200: 1000}
 COPY_ROWS = 200_000
 COPY_CHUNK = 5000
 EVENT_TYPES = ("page_view", "effect_click", "effect_view", "upload_start", "share")
