@@ -99,7 +99,8 @@ async def test_running_edge_serves_routes(edge_process: str, backend: Backend) -
 
 
 def test_envoy_config_matches_the_edge() -> None:
-    """envoy.yaml is not validated offline (no Envoy, no xds-protos); keep it in step at least."""
+    """Envoy in production and the local edge agree on services, limits and validation options
+    (test_envoy_config.py validates the Envoy config itself)."""
     text = (ROOT / "gateway" / "envoy.yaml").read_text()
     services = load_descriptors(Settings().descriptor_set).services
     for service in services:
