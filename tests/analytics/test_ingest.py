@@ -170,6 +170,37 @@ async def test_duplicates_across_requests_in_one_flush_are_counted_once(svc: Svc
     assert await svc.db.fetchval("SELECT count(*) FROM events WHERE event_id = $1", eid) == 1
 
 
+async def test_racing_insert_of_a_new_id_falls_back_and_counts_a_duplicate(svc: Svc) -> None:
+    """The optimistic key insert (anti-join + plain INSERT) meets an id another
+    transaction is inserting: it waits, gets a unique violation once that one
+    commits, and the flush is redone with ON CONFLICT: a duplicate, not an error."""
+    eid, sid = uid("ev"), uid("st")
+    assert svc.app.pool is not None
+    async with svc.app.pool.acquire() as other:
+        tx = other.transaction()
+        await tx.start()
+        await other.execute("INSERT INTO event_keys (event_id, occurred_at) VALUES ($1, now())", eid)
+        await other.execute("INSERT INTO step_keys (step_id, occurred_at) VALUES ($1, now())", sid)
+        fallbacks = svc.committer.optimistic_fallbacks
+        sending = asyncio.gather(
+            svc.stub.RecordEvents(analytics_pb2.RecordEventsRequest(events=[event(eid), event(uid("ev"))])),
+            svc.stub.RecordFunnelSteps(
+                analytics_pb2.RecordFunnelStepsRequest(
+                    steps=[analytics_pb2.FunnelStep(step_id=sid, session_id="s", step="effect_viewed")]
+                )
+            ),
+        )
+        await asyncio.sleep(0.5)  # the flush is now waiting on our uncommitted keys
+        assert not sending.done()
+        await tx.commit()
+        events_reply, steps_reply = await asyncio.wait_for(sending, 10)
+    assert (events_reply.accepted, events_reply.duplicates) == (1, 1)
+    assert (steps_reply.accepted, steps_reply.duplicates) == (0, 1)
+    assert svc.committer.optimistic_fallbacks > fallbacks
+    assert await svc.db.fetchval("SELECT count(*) FROM events WHERE event_id = $1", eid) == 0
+    assert await svc.db.fetchval("SELECT count(*) FROM funnel_steps WHERE step_id = $1", sid) == 0
+
+
 async def test_failed_flush_fails_every_request_and_writes_nothing(svc: Svc) -> None:
     # A rollup write that fails for one event type, after the keys and raw rows
     # of the same transaction were written.
