@@ -63,6 +63,7 @@ class Analytics:
 
     committer: GroupCommitter
     maintainer: PartitionMaintainer
+    dashboard: Dashboard
     servicer: AnalyticsServicer
 
 
@@ -121,4 +122,4 @@ async def wire(app: ServiceApp) -> None:
         ),
     )
     app.add_service(SERVICE, servicer, analytics_pb2_grpc.add_AnalyticsServiceServicer_to_server, ACCESS)
-    _STATE[app] = Analytics(committer, maintainer, servicer)
+    _STATE[app] = Analytics(committer, maintainer, dashboard, servicer)

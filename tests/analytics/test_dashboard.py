@@ -17,19 +17,17 @@ from typing import Any
 
 import grpc
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
 from cosnap.analytics.v1 import analytics_pb2, analytics_pb2_grpc
 from cosnap.monitoring.v1 import monitoring_pb2, monitoring_pb2_grpc
-from gateway.app import create_app
-from gateway.config import Settings as EdgeSettings
 from services.analytics.dashboard import Dashboard
 from services.analytics.sketch import RELATIVE_ACCURACY
 from services.analytics.vitals import FUNNEL_STEPS
 from services.analytics.windows import parse_window
 from services.servicekit.errors import bad_request_violations
 from services.servicekit.server import ServiceApp
-from tests.conftest import StartService
+from tests.conftest import EdgeFactory, StartService
 from tests.support import free_port
 
 SERVICE = "cosnap.analytics.v1.AnalyticsService"
@@ -45,12 +43,9 @@ def auth(token: str) -> Metadata:
 
 
 def find_dashboard(app: ServiceApp) -> Dashboard:
-    """The Dashboard the wiring built (an attribute of the analytics servicer)."""
-    for _, servicer, _ in app._services:
-        for value in vars(servicer).values():
-            if isinstance(value, Dashboard):
-                return value
-    raise AssertionError("no Dashboard attribute on the analytics servicer")
+    """The Dashboard the wiring built."""
+    dashboard: Dashboard = analytics_app().state(app).dashboard
+    return dashboard
 
 
 # --------------------------------------------------------------------------- monitoring stand-in
@@ -432,12 +427,8 @@ async def test_bad_window_and_access(with_monitoring: Analytics, user_token: str
 
 
 @pytest.fixture
-async def edge(with_monitoring: Analytics) -> AsyncIterator[TestClient[Any, Any]]:
-    settings = EdgeSettings(backends={SERVICE: f"127.0.0.1:{with_monitoring.app.port}"})
-    client: TestClient[Any, Any] = TestClient(TestServer(create_app(settings)))
-    await client.start_server()
-    yield client
-    await client.close()
+async def edge(with_monitoring: Analytics, make_edge: EdgeFactory) -> TestClient[Any, Any]:
+    return await make_edge(backends={SERVICE: f"127.0.0.1:{with_monitoring.app.port}"})
 
 
 async def test_rest_dashboard(

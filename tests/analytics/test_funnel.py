@@ -13,15 +13,13 @@ from typing import Any
 
 import grpc
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
 from cosnap.analytics.v1 import analytics_pb2, analytics_pb2_grpc
-from gateway.app import create_app
-from gateway.config import Settings as EdgeSettings
 from services.analytics.vitals import FUNNEL_STEPS
 from services.servicekit.errors import bad_request_violations
 from services.servicekit.server import ServiceApp
-from tests.conftest import StartService
+from tests.conftest import EdgeFactory, StartService
 
 SERVICE = "cosnap.analytics.v1.AnalyticsService"
 
@@ -248,12 +246,8 @@ async def test_admin_only(analytics: Analytics, user_token: str) -> None:
 
 
 @pytest.fixture
-async def edge(analytics: Analytics) -> AsyncIterator[TestClient[Any, Any]]:
-    settings = EdgeSettings(backends={SERVICE: f"127.0.0.1:{analytics.app.port}"})
-    client: TestClient[Any, Any] = TestClient(TestServer(create_app(settings)))
-    await client.start_server()
-    yield client
-    await client.close()
+async def edge(analytics: Analytics, make_edge: EdgeFactory) -> TestClient[Any, Any]:
+    return await make_edge(backends={SERVICE: f"127.0.0.1:{analytics.app.port}"})
 
 
 async def test_rest_funnel_report(loaded: Analytics, edge: TestClient[Any, Any], admin_token: str) -> None:
