@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from aiohttp.test_utils import TestClient
 from google.protobuf import duration_pb2, timestamp_pb2
 from google.protobuf.message import Message
 from grpc_status import rpc_status
@@ -208,6 +206,3 @@ class Monitoring(monitoring_pb2_grpc.MonitoringServiceServicer):
 class Backends:
     backend: Backend
     addresses: dict[str, str]
-
-
-EdgeFactory = Callable[..., Coroutine[Any, Any, TestClient[Any, Any]]]

@@ -12,6 +12,7 @@ from aiohttp.test_utils import TestClient
 from cosnap.analytics.v1 import analytics_pb2_grpc
 from cosnap.effects.v1 import effects_pb2_grpc
 from cosnap.monitoring.v1 import monitoring_pb2_grpc
+from tests.conftest import EdgeFactory
 from tests.gateway.backends import (
     ANALYTICS,
     EFFECTS,
@@ -20,7 +21,6 @@ from tests.gateway.backends import (
     Analytics,
     Backend,
     Backends,
-    EdgeFactory,
     Effects,
     Monitoring,
 )

@@ -19,13 +19,13 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from cosnap.effects.v1 import effects_pb2
 from gateway import Settings
 from gateway.status import GRPC_TO_HTTP
+from tests.conftest import EdgeFactory
 from tests.gateway.backends import (
     ANALYTICS,
     BIG_INT64,
     UPLOAD_LIMIT,
     Backend,
     Backends,
-    EdgeFactory,
 )
 from tests.support import free_port
 
