@@ -1,6 +1,6 @@
 """Ingest benchmark: events/s through gRPC into a real analytics process, beside two baselines.
 
-`python -m bench.ingest [--scale S]` (or `await run(scale)`):
+`python -m bench.ingest [--scale S] [--rounds N]` (or `await run(scale)`):
 
 1. spawns `python -m services.analytics` (its own throwaway schema) and, as baseline,
    `python -m bench.echo` (a bare grpc.aio server), each in its own process;
@@ -13,6 +13,9 @@
 4. prints the ratios: batch-1 req/s / echo req/s (goal >= 0.5) and
    batch-200 events/s / COPY rows/s (goal >= 0.3), checks every event was stored,
    and drops its schema.
+
+Steps 2 and 3 run in rounds (3 by default), each figure right after its own
+baseline; the medians over the rounds are reported.
 
 Uses TEST_DATABASE_URL / TEST_REDIS_URL (defaults: the local test instances).
 """
@@ -47,6 +50,7 @@ METHOD = "/cosnap.analytics.v1.AnalyticsService/RecordEvents"
 REQUESTS = {1: 8000, 20: 2000, 200: 1000}
 COPY_ROWS = 200_000
 COPY_CHUNK = 5000
+ROUNDS = 3
 EVENT_TYPES = ("page_view", "effect_click", "effect_view", "upload_start", "share")
 PAGES = tuple(f"/effects/{i}" for i in range(20))
 
@@ -213,77 +217,106 @@ async def copy_baseline(rows: int) -> dict[str, float]:
         await conn.close()
 
 
-async def run(scale: float = 1.0, log_dir: Path | None = None) -> dict[str, Any]:
+def _median(values: list[float]) -> float:
+    return round(statistics.median(values), 3)
+
+
+async def run(scale: float = 1.0, log_dir: Path | None = None, rounds: int = ROUNDS) -> dict[str, Any]:
+    """`rounds` rounds, each measuring every figure and its baseline back to back.
+
+    The machine is shared and its speed drifts within seconds, so each ratio is
+    taken within a round (echo then batch 1; COPY then batch 200) and the
+    median over the rounds is reported, with the spread.
+    """
     log_dir = log_dir or Path(os.environ.get("TMPDIR", "/tmp"))
     schema = f"bench_ingest_{uuid.uuid4().hex[:8]}"
     tag = uuid.uuid4().hex[:6]
-    result: dict[str, Any] = {"concurrency": CONCURRENCY, "scale": scale}
+    result: dict[str, Any] = {"concurrency": CONCURRENCY, "scale": scale, "rounds": rounds}
     plan = {batch: max(CONCURRENCY * 2, int(n * scale)) for batch, n in REQUESTS.items()}
-    payloads = {batch: _requests(batch, n, f"{tag}-b{batch}") for batch, n in plan.items()}
-    echo_payloads = _requests(1, plan[1], f"{tag}-echo")
+    copy_rows = max(20_000, int(COPY_ROWS * scale))
+    measured: dict[str, list[dict[str, float]]] = {"echo": [], "copy": []}
+    measured.update({f"batch_{batch}": [] for batch in plan})
+    ratios: dict[str, list[float]] = {"batch1_vs_echo": [], "batch200_vs_copy": []}
+    expected = 0
 
-    # Baseline 1: a bare grpc.aio echo server, same client.
     echo_port = free_port()
     echo = _spawn_echo(echo_port, log_dir / "bench-echo.log")
-    try:
-        await _wait_answering(f"127.0.0.1:{echo_port}")
-        result["echo"] = await drive(f"127.0.0.1:{echo_port}", echo_payloads)
-    finally:
-        _stop(echo)
-
-    # The service, in its own process.
     port, metrics_port = free_port(), free_port()
     env = service_env(
         schema, GRPC_PORT=str(port), METRICS_PORT=str(metrics_port), LOG_LEVEL="WARNING", MONITORING_ADDR=""
     )
     service = spawn_service("analytics", env, log_dir / "bench-analytics.log")
     try:
+        await _wait_answering(f"127.0.0.1:{echo_port}")
         await asyncio.to_thread(wait_serving, f"127.0.0.1:{port}", 60)
-        for batch in (1, 20, 200):
-            before = _flush_stats(metrics_port)
-            cpu_before = _cpu_seconds(service.pid)
-            figures = await drive(f"127.0.0.1:{port}", payloads[batch])
-            cpu_after = _cpu_seconds(service.pid)
-            after = _flush_stats(metrics_port)
-            flushes = after["flushes"] - before["flushes"]
-            figures["events_per_second"] = round(figures["requests_per_second"] * batch, 1)
-            figures["flushes"] = flushes
-            figures["events_per_flush"] = round(figures["requests"] * batch / flushes, 1) if flushes else 0
-            # The service's own CPU per event: steadier than throughput on a shared machine.
-            if cpu_before is not None and cpu_after is not None:
-                cpu = cpu_after - cpu_before
-                figures["service_cpu_percent"] = round(cpu / figures["seconds"] * 100, 1)
-                figures["service_cpu_us_per_event"] = round(cpu / (figures["requests"] * batch) * 1e6, 1)
-            result[f"batch_{batch}"] = figures
+        for r in range(rounds):
+            payloads = {batch: _requests(batch, n, f"{tag}-r{r}-b{batch}") for batch, n in plan.items()}
+            expected += sum(len(p) * batch for batch, p in payloads.items())
+            # Baseline 1: a bare grpc.aio echo server, same client, then batch 1.
+            measured["echo"].append(await drive(f"127.0.0.1:{echo_port}", _requests(1, plan[1], f"{tag}-e")))
+            measured["batch_1"].append(await _drive_service(service, port, metrics_port, payloads[1], 1))
+            measured["batch_20"].append(await _drive_service(service, port, metrics_port, payloads[20], 20))
+            # Baseline 2: raw binary COPY, then batch 200.
+            measured["copy"].append(await copy_baseline(copy_rows))
+            measured["batch_200"].append(
+                await _drive_service(service, port, metrics_port, payloads[200], 200)
+            )
+            ratios["batch1_vs_echo"].append(
+                measured["batch_1"][-1]["requests_per_second"] / measured["echo"][-1]["requests_per_second"]
+            )
+            ratios["batch200_vs_copy"].append(
+                measured["batch_200"][-1]["events_per_second"] / measured["copy"][-1]["rows_per_second"]
+            )
     finally:
         _stop(service)
+        _stop(echo)
 
     # Every acknowledged event is there, once.
     conn = await asyncpg.connect(DATABASE_URL)
     try:
-        stored = await conn.fetchval(f'SELECT count(*) FROM "{schema}".events')
-        expected = sum(len(p) * batch for batch, p in payloads.items())
-        result["stored_events"] = stored
+        result["stored_events"] = await conn.fetchval(f'SELECT count(*) FROM "{schema}".events')
         result["expected_events"] = expected
         await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
     finally:
         await conn.close()
 
-    # Baseline 2: raw binary COPY.
-    result["copy"] = await copy_baseline(max(20_000, int(COPY_ROWS * scale)))
-
-    result["ratio_batch1_vs_echo"] = round(
-        result["batch_1"]["requests_per_second"] / result["echo"]["requests_per_second"], 3
-    )
-    result["ratio_batch200_vs_copy"] = round(
-        result["batch_200"]["events_per_second"] / result["copy"]["rows_per_second"], 3
-    )
+    # Per figure, the round with the median of its headline number.
+    for name, runs in measured.items():
+        key = "rows_per_second" if name == "copy" else "requests_per_second"
+        result[name] = sorted(runs, key=lambda f: f[key])[len(runs) // 2]
+    for name, values in ratios.items():
+        result[f"ratio_{name}"] = _median(values)
+        result[f"ratio_{name}_range"] = [round(min(values), 3), round(max(values), 3)]
     return result
+
+
+async def _drive_service(
+    service: subprocess.Popen[bytes], port: int, metrics_port: int, payloads: list[bytes], batch: int
+) -> dict[str, float]:
+    """One figure of the service: throughput, latency, events per flush and its CPU per event."""
+    before = _flush_stats(metrics_port)
+    cpu_before = _cpu_seconds(service.pid)
+    figures = await drive(f"127.0.0.1:{port}", payloads)
+    cpu_after = _cpu_seconds(service.pid)
+    after = _flush_stats(metrics_port)
+    flushes = after["flushes"] - before["flushes"]
+    figures["events_per_second"] = round(figures["requests_per_second"] * batch, 1)
+    figures["flushes"] = flushes
+    figures["events_per_flush"] = round(figures["requests"] * batch / flushes, 1) if flushes else 0
+    # The service's own CPU per event: steadier than throughput on a shared machine.
+    if cpu_before is not None and cpu_after is not None:
+        cpu = cpu_after - cpu_before
+        figures["service_cpu_percent"] = round(cpu / figures["seconds"] * 100, 1)
+        figures["service_cpu_us_per_event"] = round(cpu / (figures["requests"] * batch) * 1e6, 1)
+    return figures
 
 
 def print_result(result: dict[str, Any]) -> None:
     echo, copy = result["echo"], result["copy"]
-    print(f"ingest benchmark (concurrency {result['concurrency']}, scale {result['scale']})")
+    print(
+        f"ingest benchmark (concurrency {result['concurrency']}, scale {result['scale']}, "
+        f"median of {result['rounds']} rounds)"
+    )
     print(
         f"  baseline echo (bare grpc.aio, batch 1): {echo['requests_per_second']:,} req/s, "
         f"p50 {echo['p50_ms']} ms, p99 {echo['p99_ms']} ms"
@@ -300,9 +333,11 @@ def print_result(result: dict[str, Any]) -> None:
                 else ")"
             )
         )
+    low1, high1 = result["ratio_batch1_vs_echo_range"]
+    low200, high200 = result["ratio_batch200_vs_copy_range"]
     print(
-        f"  batch-1 req/s / echo req/s = {result['ratio_batch1_vs_echo']} (goal >= 0.5); "
-        f"batch-200 events/s / COPY rows/s = {result['ratio_batch200_vs_copy']} (goal >= 0.3)"
+        f"  batch-1 req/s / echo req/s = {result['ratio_batch1_vs_echo']} ({low1}-{high1}; goal >= 0.5)\n"
+        f"  batch-200 events/s / COPY rows/s = {result['ratio_batch200_vs_copy']} ({low200}-{high200}; goal >= 0.3)"
     )
     print(f"  stored {result['stored_events']:,} of {result['expected_events']:,} events")
     print(json.dumps(result))
@@ -311,8 +346,9 @@ def print_result(result: dict[str, Any]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.ingest")
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies the requests sent")
+    parser.add_argument("--rounds", type=int, default=ROUNDS, help="paired rounds; the median is reported")
     args = parser.parse_args()
-    print_result(asyncio.run(run(args.scale)))
+    print_result(asyncio.run(run(args.scale, rounds=args.rounds)))
 
 
 if __name__ == "__main__":

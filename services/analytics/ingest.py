@@ -6,8 +6,11 @@ One flusher task takes everything queued (whole requests, up to
 
 1. binary COPY into per-connection temporary staging tables
    (``ON COMMIT DELETE ROWS``, created once per connection);
-2. ``INSERT ... SELECT ... ON CONFLICT DO NOTHING RETURNING`` into the key
-   tables finds the new ids; only those go into the partitioned raw tables;
+2. the ids go into the key tables (unique indexes), then the rows into the
+   partitioned raw tables. Optimistically as plain INSERTs of every staged row;
+   when an id exists already, the flush is redone with
+   ``INSERT ... ON CONFLICT DO NOTHING RETURNING``, which finds the new ids, and
+   only those are stored;
 3. the rollups are updated from the same staged rows, aggregated in SQL
    (``GROUP BY`` + ``ON CONFLICT DO UPDATE SET count = count + excluded.count``);
 4. COMMIT, and only then every waiting request gets its own
@@ -83,14 +86,14 @@ SET synchronous_commit = on;  -- acknowledged means durable, whatever the databa
 CREATE TEMP TABLE IF NOT EXISTS stage_events (
     seq bigint NOT NULL, event_id text COLLATE "C" NOT NULL, session_id text COLLATE "C" NOT NULL, user_id text,
     event_type text NOT NULL, page text, properties jsonb, occurred_at timestamptz NOT NULL,
-    received_at timestamptz NOT NULL
+    received_at timestamptz NOT NULL DEFAULT now()
 ) ON COMMIT DELETE ROWS;
 CREATE TEMP TABLE IF NOT EXISTS stage_metrics (
     seq bigint NOT NULL, name text COLLATE "C" NOT NULL, metric_id text COLLATE "C" NOT NULL,
     session_id text NOT NULL,
     user_id text, value double precision NOT NULL, delta double precision NOT NULL, rating text,
     navigation_type text, page text, attributes jsonb, occurred_at timestamptz NOT NULL,
-    received_at timestamptz NOT NULL, bin integer NOT NULL,
+    received_at timestamptz NOT NULL DEFAULT now(), bin integer NOT NULL,
     is_new boolean NOT NULL DEFAULT false, changed boolean NOT NULL DEFAULT false,
     old_occurred_at timestamptz, old_value double precision, old_page text, old_bin integer,
     old_rating text
@@ -98,7 +101,7 @@ CREATE TEMP TABLE IF NOT EXISTS stage_metrics (
 CREATE TEMP TABLE IF NOT EXISTS stage_steps (
     seq bigint NOT NULL, step_id text COLLATE "C" NOT NULL, session_id text COLLATE "C" NOT NULL, user_id text,
     step smallint NOT NULL, effect_id text, properties jsonb, occurred_at timestamptz NOT NULL,
-    received_at timestamptz NOT NULL
+    received_at timestamptz NOT NULL DEFAULT now()
 ) ON COMMIT DELETE ROWS;
 """
 
@@ -111,7 +114,6 @@ EVENT_COLUMNS = (
     "page",
     "properties",
     "occurred_at",
-    "received_at",
 )
 METRIC_COLUMNS = (
     "seq",
@@ -126,7 +128,6 @@ METRIC_COLUMNS = (
     "page",
     "attributes",
     "occurred_at",
-    "received_at",
     "bin",
 )
 STEP_COLUMNS = (
@@ -138,7 +139,6 @@ STEP_COLUMNS = (
     "effect_id",
     "properties",
     "occurred_at",
-    "received_at",
 )
 
 BUCKET = "date_bin('5 minutes', {col}, timestamptz 'epoch')"
@@ -151,51 +151,78 @@ HOUR = "date_bin('1 hour', {col}, timestamptz 'epoch')"
 # Keys are inserted in key order so that replicas flushing overlapping ids
 # cannot deadlock on each other's speculative insertions; rollup rows are
 # upserted in key order for the same reason.
+# Rollups of new event rows, read from {src}: the raw insert's RETURNING (some
+# rows may be duplicates) or the staging table itself (all rows are new).
+_EVENT_ROLLUPS = f"""
+counts AS (
+    INSERT INTO rollup_events AS r (bucket_start, event_type, page, count)
+    SELECT {BUCKET.format(col="occurred_at")}, event_type, coalesce(page, ''), count(*)
+    FROM {{src}} GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
+    ON CONFLICT (bucket_start, event_type, page) DO UPDATE SET count = r.count + excluded.count
+), sessions AS (
+    INSERT INTO rollup_sessions AS r (hour_start, session_id, user_id)
+    SELECT {HOUR.format(col="occurred_at")}, session_id, max(user_id)
+    FROM {{src}} GROUP BY 1, 2 ORDER BY 1, 2
+    ON CONFLICT (hour_start, session_id) DO UPDATE SET user_id = excluded.user_id
+    WHERE r.user_id IS NULL AND excluded.user_id IS NOT NULL
+)"""
+
+_EVENT_RAW = """
+    INSERT INTO events (event_id, session_id, user_id, event_type, page, properties, occurred_at,
+                        received_at)
+    SELECT s.event_id, s.session_id, s.user_id, s.event_type, s.page, s.properties, s.occurred_at,
+           s.received_at
+"""
+
+# Some ids may exist already: ON CONFLICT finds the new ones, only those are
+# stored and rolled up, and the reply counts them per request (seq).
 EVENTS_SQL = f"""
 WITH new AS (
     INSERT INTO event_keys (event_id, occurred_at)
     SELECT event_id, occurred_at FROM pg_temp.stage_events ORDER BY event_id
     ON CONFLICT DO NOTHING
     RETURNING event_id
-), raw AS (
-    INSERT INTO events (event_id, session_id, user_id, event_type, page, properties, occurred_at,
-                        received_at)
-    SELECT s.event_id, s.session_id, s.user_id, s.event_type, s.page, s.properties, s.occurred_at,
-           s.received_at
+), raw AS ({_EVENT_RAW}
     FROM pg_temp.stage_events s JOIN new ON new.event_id = s.event_id
     RETURNING event_type, page, session_id, user_id, occurred_at
-), counts AS (
-    INSERT INTO rollup_events AS r (bucket_start, event_type, page, count)
-    SELECT {BUCKET.format(col="occurred_at")}, event_type, coalesce(page, ''), count(*)
-    FROM raw GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
-    ON CONFLICT (bucket_start, event_type, page) DO UPDATE SET count = r.count + excluded.count
-), sessions AS (
-    INSERT INTO rollup_sessions AS r (hour_start, session_id, user_id)
-    SELECT date_bin('1 hour', occurred_at, timestamptz 'epoch'), session_id, max(user_id)
-    FROM raw GROUP BY 1, 2 ORDER BY 1, 2
-    ON CONFLICT (hour_start, session_id) DO UPDATE SET user_id = excluded.user_id
-    WHERE r.user_id IS NULL AND excluded.user_id IS NOT NULL
-)
+), {_EVENT_ROLLUPS.format(src="raw")}
 SELECT s.seq, count(*)::int FROM pg_temp.stage_events s JOIN new ON new.event_id = s.event_id
 GROUP BY s.seq LIMIT $1
 """
 
+# The optimistic form, for a flush expected to hold only new ids: a plain
+# INSERT of the keys (a unique index probe per row, about 2/3 of ON CONFLICT's
+# speculative insertion; an anti-join probing the keys first costs more than
+# either), and the raw rows and rollups straight from the staging table, no
+# join. Any id that exists already, or that another transaction is inserting
+# at the same moment, aborts it with a unique violation: the flush is then
+# redone with the ON CONFLICT form above (which waits for that transaction
+# and counts its ids as duplicates), and the next flushes start with that
+# form too (see GroupCommitter.PESSIMISTIC_FLUSHES).
+EVENTS_FAST_SQL = f"""
+WITH new AS (
+    INSERT INTO event_keys (event_id, occurred_at)
+    SELECT event_id, occurred_at FROM pg_temp.stage_events ORDER BY event_id
+), raw AS ({_EVENT_RAW}
+    FROM pg_temp.stage_events s
+), {_EVENT_ROLLUPS.format(src="pg_temp.stage_events")}
+SELECT
+"""
 
-# The optimistic form of a key insert: an anti-join and a plain INSERT, about
-# half the cost of ON CONFLICT's speculative insertion. It only fails when
-# another transaction inserts the same new id at the same moment (a unique
-# violation); the flush is then retried with the ON CONFLICT form, which waits
-# for that transaction and counts its ids as duplicates.
-def _optimistic(sql: str, table: str, key: str, stage: str) -> str:
-    conflict = f"""SELECT {key}, occurred_at FROM pg_temp.{stage} ORDER BY {key}
-    ON CONFLICT DO NOTHING"""
-    plain = f"""SELECT {key}, occurred_at FROM pg_temp.{stage} s
-    WHERE NOT EXISTS (SELECT 1 FROM {table} k WHERE k.{key} = s.{key}) ORDER BY {key}"""
-    assert conflict in sql
-    return sql.replace(conflict, plain)
+_STEP_ROLLUPS = f"""
+counts AS (
+    INSERT INTO rollup_funnel AS r (bucket_start, step, effect_id, count)
+    SELECT {BUCKET.format(col="occurred_at")}, step, coalesce(effect_id, ''), count(*)
+    FROM {{src}} GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
+    ON CONFLICT (bucket_start, step, effect_id) DO UPDATE SET count = r.count + excluded.count
+)"""
 
-
-EVENTS_FAST_SQL = _optimistic(EVENTS_SQL, "event_keys", "event_id", "stage_events")
+_STEP_RAW = """
+    INSERT INTO funnel_steps (step_id, session_id, user_id, step, effect_id, properties, occurred_at,
+                              received_at)
+    SELECT s.step_id, s.session_id, s.user_id, s.step, s.effect_id, s.properties, s.occurred_at,
+           s.received_at
+"""
 
 STEPS_SQL = f"""
 WITH new AS (
@@ -203,24 +230,23 @@ WITH new AS (
     SELECT step_id, occurred_at FROM pg_temp.stage_steps ORDER BY step_id
     ON CONFLICT DO NOTHING
     RETURNING step_id
-), raw AS (
-    INSERT INTO funnel_steps (step_id, session_id, user_id, step, effect_id, properties, occurred_at,
-                              received_at)
-    SELECT s.step_id, s.session_id, s.user_id, s.step, s.effect_id, s.properties, s.occurred_at,
-           s.received_at
+), raw AS ({_STEP_RAW}
     FROM pg_temp.stage_steps s JOIN new ON new.step_id = s.step_id
     RETURNING step, effect_id, occurred_at
-), counts AS (
-    INSERT INTO rollup_funnel AS r (bucket_start, step, effect_id, count)
-    SELECT {BUCKET.format(col="occurred_at")}, step, coalesce(effect_id, ''), count(*)
-    FROM raw GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
-    ON CONFLICT (bucket_start, step, effect_id) DO UPDATE SET count = r.count + excluded.count
-)
+), {_STEP_ROLLUPS.format(src="raw")}
 SELECT s.seq, count(*)::int FROM pg_temp.stage_steps s JOIN new ON new.step_id = s.step_id
 GROUP BY s.seq LIMIT $1
 """
 
-STEPS_FAST_SQL = _optimistic(STEPS_SQL, "step_keys", "step_id", "stage_steps")
+STEPS_FAST_SQL = f"""
+WITH new AS (
+    INSERT INTO step_keys (step_id, occurred_at)
+    SELECT step_id, occurred_at FROM pg_temp.stage_steps ORDER BY step_id
+), raw AS ({_STEP_RAW}
+    FROM pg_temp.stage_steps s
+), {_STEP_ROLLUPS.format(src="pg_temp.stage_steps")}
+SELECT
+"""
 
 # Metrics, step 1: claim the keys never seen. Rows locked by our insert stay
 # ours until COMMIT; a concurrent inserter of the same key waits for us.
@@ -335,12 +361,19 @@ class _Request:
 class GroupCommitter:
     """Queues rows of concurrent requests; a flusher writes them, one transaction per flush.
 
+    A flush first tries the optimistic statements (every id new). When an id
+    existed already, it is redone with ON CONFLICT, and so are the next
+    ``PESSIMISTIC_FLUSHES`` flushes: a client re-sending batches then costs
+    ON CONFLICT's price, not a failed attempt per flush.
+
     One flush runs at a time while the backlog is small, so concurrent requests
     group naturally behind it. When at least ``parallel_min_rows`` rows are
     waiting, up to ``concurrency`` flushes run at once, each on its own
     connection, so that PostgreSQL's work on one overlaps the Python work
     (COPY encoding, validation of new requests) of the next.
     """
+
+    PESSIMISTIC_FLUSHES = 16
 
     def __init__(
         self,
@@ -372,7 +405,8 @@ class GroupCommitter:
         self.flushes = 0
         self.failed_flushes = 0
         self.rows_flushed = 0
-        self.optimistic_fallbacks = 0  # flushes redone with ON CONFLICT after a race
+        self.optimistic_fallbacks = 0  # flushes redone with ON CONFLICT (an id existed already)
+        self._pessimistic = 0  # flushes left that start with ON CONFLICT
         self.max_parallel = 0
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -488,20 +522,25 @@ class GroupCommitter:
         steps: dict[str, None] = {}
         metrics: dict[tuple[str, str], tuple[int, _Request]] = {}
         metric_records: list[tuple[Any, ...] | None] = []
+        fresh: dict[int, int] = {}  # seq -> rows staged (events and steps): accepted if all are new
         for request in batch:
             seq = request.seq
             if request.kind is Kind.EVENTS:
                 out = records.setdefault(Kind.EVENTS, [])
+                staged = len(out)
                 for row in request.rows:
                     if row[0] not in events:
                         events[row[0]] = None
                         out.append((seq, *row))
+                fresh[seq] = len(out) - staged
             elif request.kind is Kind.STEPS:
                 out = records.setdefault(Kind.STEPS, [])
+                staged = len(out)
                 for row in request.rows:
                     if row[0] not in steps:
                         steps[row[0]] = None
                         out.append((seq, *row))
+                fresh[seq] = len(out) - staged
             else:
                 for row in request.rows:
                     key = (row[0], row[1])
@@ -522,16 +561,19 @@ class GroupCommitter:
             records[Kind.METRICS] = [r for r in metric_records if r is not None]
 
         accepted: dict[int, int] = {}
-        optimistic = True
+        optimistic = self._pessimistic == 0
+        self._pessimistic = max(0, self._pessimistic - 1)
         for attempt in range(3):
             try:
-                accepted = await self._write(records, optimistic)
+                accepted = await self._write(records, fresh, optimistic)
                 break
             except asyncpg.UniqueViolationError:
-                # Another transaction inserted one of our new ids meanwhile.
+                # One of the ids exists already (a re-sent item), or another
+                # transaction inserted it meanwhile: redo with ON CONFLICT.
                 if not optimistic:
                     raise
                 optimistic = False
+                self._pessimistic = self.PESSIMISTIC_FLUSHES
                 self.optimistic_fallbacks += 1
             except _RETRYABLE:
                 if attempt == 2:
@@ -559,11 +601,13 @@ class GroupCommitter:
         FLUSH_ROWS.observe(total)
         FLUSH_SECONDS.observe(time.perf_counter() - started)
 
-    async def _write(self, records: dict[Kind, list[tuple[Any, ...]]], optimistic: bool) -> dict[int, int]:
+    async def _write(
+        self, records: dict[Kind, list[tuple[Any, ...]]], fresh: dict[int, int], optimistic: bool
+    ) -> dict[int, int]:
         """One transaction: stage, deduplicate, store, roll up; {seq: accepted}."""
         conn = await self._connection()
         try:
-            accepted = await self._transaction(conn, records, optimistic)
+            accepted = await self._transaction(conn, records, fresh, optimistic)
         except BaseException:
             # The connection may be broken: give it back to the pool, which resets or drops it.
             await self._release(conn)
@@ -572,18 +616,26 @@ class GroupCommitter:
         return accepted
 
     async def _transaction(
-        self, conn: asyncpg.Connection, records: dict[Kind, list[tuple[Any, ...]]], optimistic: bool
+        self,
+        conn: asyncpg.Connection,
+        records: dict[Kind, list[tuple[Any, ...]]],
+        fresh: dict[int, int],
+        optimistic: bool,
     ) -> dict[int, int]:
-        accepted: dict[int, int] = {}
+        # Optimistic: events and steps all new (or the statement fails), so each
+        # request's staged rows are its accepted ones.
+        accepted: dict[int, int] = dict(fresh) if optimistic else {}
         async with conn.transaction():
             rows = records.get(Kind.EVENTS)
             if rows:
                 await conn.copy_records_to_table(
                     "stage_events", records=rows, columns=EVENT_COLUMNS, schema_name="pg_temp"
                 )
-                sql = EVENTS_FAST_SQL if optimistic else EVENTS_SQL
-                for seq, n in await conn.fetch(sql, len(rows)):
-                    accepted[seq] = n
+                if optimistic:
+                    await conn.execute(EVENTS_FAST_SQL)
+                else:
+                    for seq, n in await conn.fetch(EVENTS_SQL, len(rows)):
+                        accepted[seq] = n
             rows = records.get(Kind.METRICS)
             if rows:
                 await conn.copy_records_to_table(
@@ -599,7 +651,9 @@ class GroupCommitter:
                 await conn.copy_records_to_table(
                     "stage_steps", records=rows, columns=STEP_COLUMNS, schema_name="pg_temp"
                 )
-                sql = STEPS_FAST_SQL if optimistic else STEPS_SQL
-                for seq, n in await conn.fetch(sql, len(rows)):
-                    accepted[seq] = n
+                if optimistic:
+                    await conn.execute(STEPS_FAST_SQL)
+                else:
+                    for seq, n in await conn.fetch(STEPS_SQL, len(rows)):
+                        accepted[seq] = n
         return accepted

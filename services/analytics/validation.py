@@ -50,10 +50,12 @@ _from_timestamp = datetime.fromtimestamp
 _to_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 # Rows, in the staging tables' column order (without the leading request seq):
-# events:  event_id, session_id, user_id, event_type, page, properties, occurred_at, received_at
+# events:  event_id, session_id, user_id, event_type, page, properties, occurred_at
 # metrics: name, metric_id, session_id, user_id, value, delta, rating, navigation_type, page,
-#          attributes, occurred_at, received_at, bin
-# steps:   step_id, session_id, user_id, step, effect_id, properties, occurred_at, received_at
+#          attributes, occurred_at, bin
+# steps:   step_id, session_id, user_id, step, effect_id, properties, occurred_at
+# (received_at is the flush's transaction time, filled in by PostgreSQL: a timestamp
+# less to encode per row; a missing timestamp makes occurred_at the request's receive time)
 Row = tuple[Any, ...]
 
 
@@ -353,7 +355,7 @@ def _event_row(e: analytics_pb2.Event, i: int, clock: _Clock, violations: FieldV
     page = _check_text(e.page, MAX_PAGE_CHARS, violations, "events", i, "page")
     properties = _properties(e, violations, "events", i)
     occurred_at = _occurred_at(e, clock, violations, "events", i)
-    return (event_id, session_id, user_id, event_type, page, properties, occurred_at, clock.received_at)
+    return (event_id, session_id, user_id, event_type, page, properties, occurred_at)
 
 
 def validate_events(request: analytics_pb2.RecordEventsRequest, now: float, limits: Limits) -> list[Row]:
@@ -408,7 +410,6 @@ def validate_events(request: analytics_pb2.RecordEventsRequest, now: float, limi
                     page or None,
                     properties_json(e.properties) if e.HasField("properties") else None,
                     occurred_at,
-                    received_at,
                 )
             )
         except Declined:
@@ -475,7 +476,6 @@ def _metric_row(
         page,
         attributes,
         occurred_at,
-        clock.received_at,
         bin_,
     )
 
@@ -560,7 +560,6 @@ def validate_metrics(
                     page or None,
                     _attributes_json(attributes) if attributes else None,
                     occurred_at,
-                    received_at,
                     bin_of(value),
                 )
             )
@@ -584,7 +583,7 @@ def _step_row(s: analytics_pb2.FunnelStep, i: int, clock: _Clock, violations: Fi
     effect_id = _check_id(s.effect_id, violations, "steps", i, "effectId", False)
     properties = _properties(s, violations, "steps", i)
     occurred_at = _occurred_at(s, clock, violations, "steps", i)
-    return (step_id, session_id, user_id, number, effect_id, properties, occurred_at, clock.received_at)
+    return (step_id, session_id, user_id, number, effect_id, properties, occurred_at)
 
 
 def validate_steps(request: analytics_pb2.RecordFunnelStepsRequest, now: float, limits: Limits) -> list[Row]:
@@ -639,7 +638,6 @@ def validate_steps(request: analytics_pb2.RecordFunnelStepsRequest, now: float, 
                     effect_id or None,
                     properties_json(s.properties) if s.HasField("properties") else None,
                     occurred_at,
-                    received_at,
                 )
             )
         except Declined:

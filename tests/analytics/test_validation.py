@@ -175,7 +175,7 @@ def test_metric_rows_carry_the_server_rating_and_bin() -> None:
     assert rows[1][9] == '{"endpoint":"/x"}'
     from services.analytics import sketch
 
-    assert (rows[0][12], rows[1][12]) == (sketch.bin_of(5000.0), sketch.ZERO_BIN)
+    assert (rows[0][11], rows[1][11]) == (sketch.bin_of(5000.0), sketch.ZERO_BIN)
 
 
 @pytest.mark.parametrize(
