@@ -13,10 +13,12 @@ from pydantic import Field
 from cosnap.analytics.v1 import analytics_pb2, analytics_pb2_grpc
 from cosnap.monitoring.v1 import monitoring_pb2_grpc
 from services.servicekit.auth import Access
+from services.servicekit.cache import RAW_BYTES
 from services.servicekit.config import ServiceSettings
 from services.servicekit.server import ServiceApp
 
-from .dashboard import DASHBOARD_CACHE_OPTIONS, Dashboard
+from .dashboard import Dashboard
+from .funnel import FunnelReports
 from .ingest import GroupCommitter
 from .partitions import PartitionMaintainer
 from .servicer import AnalyticsServicer
@@ -52,6 +54,7 @@ class AnalyticsSettings(ServiceSettings):
         2, ge=1, le=8, description="Flushes at once (each on its own connection) under a backlog."
     )
     analytics_dashboard_ttl_seconds: float = Field(10.0, ge=0, description="Dashboard cache lifetime.")
+    analytics_funnel_ttl_seconds: float = Field(60.0, ge=0, description="Funnel report cache lifetime.")
 
 
 SETTINGS = AnalyticsSettings
@@ -64,6 +67,7 @@ class Analytics:
     committer: GroupCommitter
     maintainer: PartitionMaintainer
     dashboard: Dashboard
+    funnels: FunnelReports
     servicer: AnalyticsServicer
 
 
@@ -111,15 +115,19 @@ async def wire(app: ServiceApp) -> None:
 
         app.on_shutdown(close_channel)
 
-    cache = await app.cache("dashboard", **DASHBOARD_CACHE_OPTIONS)
-    dashboard = Dashboard(pool, cache, monitoring, settings.analytics_dashboard_ttl_seconds)
+    dashboard = Dashboard(
+        pool, await app.cache("dashboard", **RAW_BYTES), monitoring, settings.analytics_dashboard_ttl_seconds
+    )
+    funnels = FunnelReports(
+        pool, await app.cache("funnel", **RAW_BYTES), settings.analytics_funnel_ttl_seconds
+    )
     servicer = AnalyticsServicer(
-        pool,
         committer,
         dashboard,
+        funnels,
         Limits(
             max_items=settings.analytics_max_batch_items, retention_days=settings.analytics_retention_days
         ),
     )
     app.add_service(SERVICE, servicer, analytics_pb2_grpc.add_AnalyticsServiceServicer_to_server, ACCESS)
-    _STATE[app] = Analytics(committer, maintainer, dashboard, servicer)
+    _STATE[app] = Analytics(committer, maintainer, dashboard, funnels, servicer)

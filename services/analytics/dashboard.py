@@ -62,15 +62,10 @@ from cosnap.monitoring.v1 import monitoring_pb2, monitoring_pb2_grpc
 from services.analytics import sketch
 from services.analytics.vitals import FUNNEL_STEPS, STEP_NUMBER, WEB_VITALS, rate
 from services.analytics.windows import DEFAULT_DASHBOARD_WINDOW, Window, parse_window
-from services.servicekit.cache import MultiLevelCache, bytes_passthrough
+from services.servicekit.cache import MultiLevelCache
 
 log = logging.getLogger(__name__)
 
-# The cache a Dashboard needs: `await app.cache("dashboard", **DASHBOARD_CACHE_OPTIONS)`.
-DASHBOARD_CACHE_OPTIONS: Final[dict[str, Any]] = {
-    "serializer": bytes_passthrough,
-    "deserializer": bytes_passthrough,
-}
 MONITORING_SECTIONS: Final = ("apiLatency", "cacheHitRates", "openAlerts")
 TREND_BUCKETS: Final[dict[str, timedelta]] = {
     "15m": timedelta(minutes=5),
@@ -160,7 +155,7 @@ class Dashboard:
 
     Args:
         pool: the analytics pool (search_path = the analytics schema).
-        cache: a cache of raw bytes (see :data:`DASHBOARD_CACHE_OPTIONS`); key = window.
+        cache: a cache of raw bytes (:data:`~services.servicekit.cache.RAW_BYTES`); key = window.
         monitoring: stub for ``GetServiceSummary``; None disables the monitoring sections.
         ttl_seconds: how long an answer is served from the cache.
         monitoring_timeout: deadline of the ``GetServiceSummary`` call, seconds.

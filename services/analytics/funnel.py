@@ -53,7 +53,13 @@ import asyncpg
 
 from cosnap.analytics.v1 import analytics_pb2
 from services.analytics.vitals import FUNNEL_STEPS
-from services.analytics.windows import DEFAULT_FUNNEL_WINDOW, parse_conversion_window, parse_window
+from services.analytics.windows import (
+    DEFAULT_FUNNEL_WINDOW,
+    Window,
+    parse_conversion_window,
+    parse_window,
+)
+from services.servicekit.cache import MultiLevelCache
 from services.servicekit.errors import invalid_argument
 
 MAX_EFFECT_ID_LENGTH = 128  # the ingest's limit on ids
@@ -102,10 +108,35 @@ _SQL = _funnel_sql(with_effect=False)
 _SQL_EFFECT = _funnel_sql(with_effect=True)
 
 
-async def funnel_report(
-    pool: asyncpg.Pool, request: analytics_pb2.GetFunnelReportRequest
-) -> analytics_pb2.GetFunnelReportResponse:
-    """The ordered funnel over ``request.window`` (default 7d), see the module docstring."""
+class FunnelReports:
+    """Serves funnel reports through a cache of raw bytes (single-flight, ``ttl_seconds``).
+
+    A report over days of steps costs seconds of PostgreSQL time; an admin page
+    reloading it, or several admins at once, cost one computation per key
+    (window, conversion window, effect) and TTL. ``computations`` counts them.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, cache: MultiLevelCache[bytes], ttl_seconds: float) -> None:
+        self._pool = pool
+        self._cache = cache
+        self._ttl = ttl_seconds
+        self.computations = 0
+
+    async def get(
+        self, request: analytics_pb2.GetFunnelReportRequest
+    ) -> analytics_pb2.GetFunnelReportResponse:
+        window, conversion, effect_id = _parse(request)
+
+        async def load() -> bytes:
+            self.computations += 1
+            return (await funnel_report(self._pool, request)).SerializeToString()
+
+        key = f"{window.text}|{conversion.text}|{effect_id}"
+        raw = await self._cache.get_or_load(key, load, self._ttl)
+        return analytics_pb2.GetFunnelReportResponse.FromString(raw)
+
+
+def _parse(request: analytics_pb2.GetFunnelReportRequest) -> tuple[Window, Window, str]:
     window = parse_window(request.window, DEFAULT_FUNNEL_WINDOW)
     conversion = parse_conversion_window(request.conversion_window)
     effect_id = request.effect_id
@@ -113,6 +144,14 @@ async def funnel_report(
         raise invalid_argument(
             [("effectId", f"must be at most {MAX_EFFECT_ID_LENGTH} characters")], "invalid effect id"
         )
+    return window, conversion, effect_id
+
+
+async def funnel_report(
+    pool: asyncpg.Pool, request: analytics_pb2.GetFunnelReportRequest
+) -> analytics_pb2.GetFunnelReportResponse:
+    """The ordered funnel over ``request.window`` (default 7d), see the module docstring."""
+    window, conversion, effect_id = _parse(request)
     now = datetime.now(UTC)
     since = now - window.length
     async with pool.acquire() as conn, conn.transaction(readonly=True):

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import time
 
-import asyncpg
 import grpc
 
 from cosnap.analytics.v1 import analytics_pb2, analytics_pb2_grpc
 
-from . import funnel
 from .dashboard import Dashboard
+from .funnel import FunnelReports
 from .ingest import GroupCommitter, Kind
 from .validation import Limits, validate_events, validate_metrics, validate_steps
 
@@ -18,14 +17,14 @@ from .validation import Limits, validate_events, validate_metrics, validate_step
 class AnalyticsServicer(analytics_pb2_grpc.AnalyticsServiceServicer):
     def __init__(
         self,
-        pool: asyncpg.Pool,
         committer: GroupCommitter,
         dashboard: Dashboard,
+        funnels: FunnelReports,
         limits: Limits,
     ) -> None:
-        self._pool = pool
         self._committer = committer
         self._dashboard = dashboard
+        self._funnels = funnels
         self._limits = limits
 
     async def RecordEvents(
@@ -52,7 +51,7 @@ class AnalyticsServicer(analytics_pb2_grpc.AnalyticsServiceServicer):
     async def GetFunnelReport(
         self, request: analytics_pb2.GetFunnelReportRequest, context: grpc.aio.ServicerContext
     ) -> analytics_pb2.GetFunnelReportResponse:
-        return await funnel.funnel_report(self._pool, request)
+        return await self._funnels.get(request)
 
     async def GetPerformanceDashboard(
         self, request: analytics_pb2.GetPerformanceDashboardRequest, context: grpc.aio.ServicerContext

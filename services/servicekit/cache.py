@@ -38,6 +38,7 @@ __all__ = [
     "CACHE_REDIS_AVAILABLE",
     "CACHE_REDIS_ERRORS",
     "CACHE_REQUESTS",
+    "RAW_BYTES",
     "MultiLevelCache",
     "bytes_passthrough",
     "json_deserializer",
@@ -89,6 +90,11 @@ def json_deserializer(raw: bytes) -> Any:
 def bytes_passthrough(value: Any) -> Any:
     """Serializer and deserializer for values that already are ``bytes``."""
     return value
+
+
+# Options of a cache of raw bytes (serialized protobuf messages, say):
+# ``await app.cache("name", **RAW_BYTES)``.
+RAW_BYTES: dict[str, Any] = {"serializer": bytes_passthrough, "deserializer": bytes_passthrough}
 
 
 def _glob_escape(text: str) -> str:

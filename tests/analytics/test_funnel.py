@@ -3,6 +3,7 @@ analytics service (PostgreSQL, Redis), the report read over gRPC and the REST ed
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import uuid
 from collections.abc import AsyncIterator
@@ -26,6 +27,10 @@ SERVICE = "cosnap.analytics.v1.AnalyticsService"
 
 def analytics_app() -> ModuleType:
     return importlib.import_module("services.analytics.app")
+
+
+def app_state(app: ServiceApp) -> Any:
+    return analytics_app().state(app)
 
 
 def auth(token: str) -> tuple[tuple[str, str], ...]:
@@ -92,9 +97,10 @@ STEPS: list[Step] = [
 STEPS += [("K", 1, 0, "fx-a", T), ("K", 2, 30, "fx-b", T), ("K", 3, 80, "fx-a", T)]
 
 
-async def record_steps(a: Analytics, steps: list[Step], run: str) -> None:
+async def record_steps(a: Analytics, steps: list[Step], run: str, first_id: int = 0) -> None:
+    """Record `steps` as sessions `<run>-<session>` with step ids `<run>-<first_id + i>`."""
     request = analytics_pb2.RecordFunnelStepsRequest()
-    for i, (session, number, seconds, effect, base) in enumerate(steps):
+    for i, (session, number, seconds, effect, base) in enumerate(steps, start=first_id):
         item = request.steps.add(
             step_id=f"{run}-{i}",
             session_id=f"{run}-{session}",
@@ -202,6 +208,38 @@ async def test_empty_funnel(analytics: Analytics) -> None:
     reply = await report(analytics, window="15m")
     expect_counts(reply, [])
     assert reply.window == "15m" and reply.biggest_drop_off_step == ""
+
+
+async def test_reports_are_cached_with_single_flight(analytics: Analytics) -> None:
+    """A burst of identical requests costs one computation; the answer is served from the
+    cache until its TTL runs out, and each (window, conversion window, effect) is its own entry."""
+    funnels = app_state(analytics.app).funnels
+    run = uuid.uuid4().hex[:8]
+    await record_steps(analytics, _session("A", "fx-a", (1, 0), (2, 10)), run)
+    before = funnels.computations
+    replies = await asyncio.gather(*(report(analytics, window="24h") for _ in range(20)))
+    assert funnels.computations == before + 1
+    for reply in replies:
+        expect_counts(reply, [1, 1])
+
+    # A later step is not in the cached answer, but a different key computes afresh.
+    await record_steps(analytics, [("A", 3, 20, "fx-a", T)], run, first_id=2)
+    expect_counts(await report(analytics, window="24h"), [1, 1])
+    assert funnels.computations == before + 1
+    expect_counts(await report(analytics, window="7d"), [1, 1, 1])
+    assert funnels.computations == before + 2
+
+
+async def test_ttl_zero_disables_the_cache(start_service: StartService, admin_token: str) -> None:
+    app = await start_service(analytics_app(), analytics_funnel_ttl_seconds=0)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        a = Analytics(app, channel, analytics_pb2_grpc.AnalyticsServiceStub(channel), auth(admin_token))
+        run = uuid.uuid4().hex[:8]
+        await record_steps(a, _session("A", "fx-a", (1, 0)), run)
+        expect_counts(await report(a, window="24h"), [1])
+        await record_steps(a, [("A", 2, 10, "fx-a", T)], run, first_id=1)
+        expect_counts(await report(a, window="24h"), [1, 1])
+    assert app_state(app).funnels.computations == 2
 
 
 # --------------------------------------------------------------------------- errors and access
