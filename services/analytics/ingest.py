@@ -151,6 +151,7 @@ HOUR = "date_bin('1 hour', {col}, timestamptz 'epoch')"
 # Keys are inserted in key order so that replicas flushing overlapping ids
 # cannot deadlock on each other's speculative insertions; rollup rows are
 # upserted in key order for the same reason.
+
 # Rollups of new event rows, read from {src}: the raw insert's RETURNING (some
 # rows may be duplicates) or the staging table itself (all rows are new).
 _EVENT_ROLLUPS = f"""

@@ -201,6 +201,38 @@ async def test_racing_insert_of_a_new_id_falls_back_and_counts_a_duplicate(svc: 
     assert await svc.db.fetchval("SELECT count(*) FROM funnel_steps WHERE step_id = $1", sid) == 0
 
 
+async def test_after_a_resend_the_next_flushes_start_with_on_conflict(svc: Svc) -> None:
+    """A flush holding an existing id fails its optimistic attempt once and is redone; the
+    next PESSIMISTIC_FLUSHES flushes go straight to ON CONFLICT; then optimism returns."""
+    committer = svc.committer
+    sent = [uid("ev") for _ in range(3)]
+    assert (
+        await svc.stub.RecordEvents(analytics_pb2.RecordEventsRequest(events=[event(sent[0])]))
+    ).accepted == 1
+
+    def batch(*ids: str) -> analytics_pb2.RecordEventsRequest:
+        return analytics_pb2.RecordEventsRequest(events=[event(i) for i in ids])
+
+    async def send(*ids: str) -> tuple[int, int]:
+        reply = await svc.stub.RecordEvents(batch(*ids))
+        return reply.accepted, reply.duplicates
+
+    fallbacks = committer.optimistic_fallbacks
+    assert await send(sent[0], sent[1]) == (1, 1)  # optimistic, fails, redone
+    assert committer.optimistic_fallbacks == fallbacks + 1
+    for _ in range(committer.PESSIMISTIC_FLUSHES):  # one request per flush: sent one by one
+        assert await send(sent[1], uid("ev")) == (1, 1)
+    assert committer.optimistic_fallbacks == fallbacks + 1  # no failed attempt meanwhile
+    assert await send(sent[2]) == (1, 0)  # optimistic again, and it succeeds
+    assert await send(sent[2]) == (0, 1)
+    assert committer.optimistic_fallbacks == fallbacks + 2
+    stored = await svc.db.fetchval("SELECT count(*) FROM events WHERE event_id = ANY($1)", sent)
+    assert stored == 3
+    assert await svc.db.fetchval("SELECT sum(count) FROM rollup_events") == await svc.db.fetchval(
+        "SELECT count(*) FROM events"
+    )
+
+
 async def test_failed_flush_fails_every_request_and_writes_nothing(svc: Svc) -> None:
     # A rollup write that fails for one event type, after the keys and raw rows
     # of the same transaction were written.
