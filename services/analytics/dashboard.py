@@ -62,7 +62,7 @@ from cosnap.monitoring.v1 import monitoring_pb2, monitoring_pb2_grpc
 from services.analytics import sketch
 from services.analytics.vitals import FUNNEL_STEPS, STEP_NUMBER, WEB_VITALS, rate
 from services.analytics.windows import DEFAULT_DASHBOARD_WINDOW, Window, parse_window
-from services.servicekit.cache import MultiLevelCache
+from services.servicekit.cache import MultiLevelCache, get_or_load_message
 
 log = logging.getLogger(__name__)
 
@@ -182,12 +182,13 @@ class Dashboard:
         self, request: analytics_pb2.GetPerformanceDashboardRequest
     ) -> analytics_pb2.GetPerformanceDashboardResponse:
         window = parse_window(request.window, DEFAULT_DASHBOARD_WINDOW)
-
-        async def load() -> bytes:
-            return (await self.compute(window)).SerializeToString()
-
-        raw = await self._cache.get_or_load(window.text, load, self._ttl)
-        return analytics_pb2.GetPerformanceDashboardResponse.FromString(raw)
+        return await get_or_load_message(
+            self._cache,
+            window.text,
+            analytics_pb2.GetPerformanceDashboardResponse,
+            lambda: self.compute(window),
+            self._ttl,
+        )
 
     async def compute(self, window: Window) -> analytics_pb2.GetPerformanceDashboardResponse:
         """A fresh answer for `window`, bypassing the cache."""

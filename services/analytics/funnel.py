@@ -59,7 +59,7 @@ from services.analytics.windows import (
     parse_conversion_window,
     parse_window,
 )
-from services.servicekit.cache import MultiLevelCache
+from services.servicekit.cache import MultiLevelCache, get_or_load_message
 from services.servicekit.errors import invalid_argument
 
 MAX_EFFECT_ID_LENGTH = 128  # the ingest's limit on ids
@@ -125,18 +125,23 @@ class FunnelReports:
     async def get(
         self, request: analytics_pb2.GetFunnelReportRequest
     ) -> analytics_pb2.GetFunnelReportResponse:
-        window, conversion, effect_id = _parse(request)
+        window, conversion, effect_id = parse_request(request)
 
-        async def load() -> bytes:
+        async def load() -> analytics_pb2.GetFunnelReportResponse:
             self.computations += 1
-            return (await funnel_report(self._pool, request)).SerializeToString()
+            return await funnel_report(self._pool, window, conversion, effect_id)
 
-        key = f"{window.text}|{conversion.text}|{effect_id}"
-        raw = await self._cache.get_or_load(key, load, self._ttl)
-        return analytics_pb2.GetFunnelReportResponse.FromString(raw)
+        return await get_or_load_message(
+            self._cache,
+            f"{window.text}|{conversion.text}|{effect_id}",
+            analytics_pb2.GetFunnelReportResponse,
+            load,
+            self._ttl,
+        )
 
 
-def _parse(request: analytics_pb2.GetFunnelReportRequest) -> tuple[Window, Window, str]:
+def parse_request(request: analytics_pb2.GetFunnelReportRequest) -> tuple[Window, Window, str]:
+    """The report's window, conversion window and effect id, validated."""
     window = parse_window(request.window, DEFAULT_FUNNEL_WINDOW)
     conversion = parse_conversion_window(request.conversion_window)
     effect_id = request.effect_id
@@ -148,10 +153,9 @@ def _parse(request: analytics_pb2.GetFunnelReportRequest) -> tuple[Window, Windo
 
 
 async def funnel_report(
-    pool: asyncpg.Pool, request: analytics_pb2.GetFunnelReportRequest
+    pool: asyncpg.Pool, window: Window, conversion: Window, effect_id: str
 ) -> analytics_pb2.GetFunnelReportResponse:
-    """The ordered funnel over ``request.window`` (default 7d), see the module docstring."""
-    window, conversion, effect_id = _parse(request)
+    """The ordered funnel over `window`, see the module docstring; `effect_id` "" for all."""
     now = datetime.now(UTC)
     since = now - window.length
     async with pool.acquire() as conn, conn.transaction(readonly=True):

@@ -149,12 +149,66 @@ HOUR = "date_bin('1 hour', {col}, timestamptz 'epoch')"
 # as a parameter so that they are re-planned too): plans follow the staging
 # tables' size of this flush, never a generic plan made for another size.
 # Keys are inserted in key order so that replicas flushing overlapping ids
-# cannot deadlock on each other's speculative insertions; rollup rows are
-# upserted in key order for the same reason.
+# cannot deadlock on each other's insertions; rollup rows are upserted in key
+# order for the same reason.
 
-# Rollups of new event rows, read from {src}: the raw insert's RETURNING (some
-# rows may be duplicates) or the staging table itself (all rows are new).
-_EVENT_ROLLUPS = f"""
+
+def _stored_once_sql(
+    stage: str, keys: str, key: str, raw: str, columns: Sequence[str], rollups: str
+) -> tuple[str, str]:
+    """The two statements of a kind stored once per id (events, steps).
+
+    ``rollups`` holds the rollup CTEs, reading the new rows from ``{src}``.
+
+    1. The ON CONFLICT form: some ids may exist already. The key insert finds
+       the new ones; only those are stored and rolled up (from the raw
+       insert's RETURNING), and the result counts them per request (seq).
+    2. The optimistic form, for a flush expected to hold only new ids: a plain
+       INSERT of the keys (a unique index probe per row, about 2/3 of ON
+       CONFLICT's speculative insertion; an anti-join probing the keys first
+       costs more than either, and the planner ran it as a hash join over the
+       whole key table), and the raw rows and rollups straight from staging,
+       no join. An id that exists already, or that another transaction is
+       inserting at the same moment, aborts it with a unique violation: the
+       flush is then redone with the ON CONFLICT form (which waits for that
+       transaction and counts its ids as duplicates), and the next flushes
+       start with that form too (see ``GroupCommitter.PESSIMISTIC_FLUSHES``).
+    """
+    names = ", ".join(columns)
+    staged = ", ".join(f"s.{c}" for c in columns)
+    insert_keys = f"""INSERT INTO {keys} ({key}, occurred_at)
+    SELECT {key}, occurred_at FROM pg_temp.{stage} ORDER BY {key}"""
+    insert_raw = f"INSERT INTO {raw} ({names}) SELECT {staged} FROM pg_temp.{stage} s"
+    on_conflict = f"""
+WITH new AS (
+    {insert_keys}
+    ON CONFLICT DO NOTHING
+    RETURNING {key}
+), raw AS (
+    {insert_raw} JOIN new ON new.{key} = s.{key}
+    RETURNING *
+), {rollups.format(src="raw")}
+SELECT s.seq, count(*)::int FROM pg_temp.{stage} s JOIN new ON new.{key} = s.{key}
+GROUP BY s.seq LIMIT $1
+"""
+    optimistic = f"""
+WITH new AS (
+    {insert_keys}
+), raw AS (
+    {insert_raw}
+), {rollups.format(src=f"pg_temp.{stage}")}
+SELECT
+"""
+    return on_conflict, optimistic
+
+
+EVENTS_SQL, EVENTS_FAST_SQL = _stored_once_sql(
+    "stage_events",
+    "event_keys",
+    "event_id",
+    "events",
+    (*EVENT_COLUMNS[1:], "received_at"),
+    f"""
 counts AS (
     INSERT INTO rollup_events AS r (bucket_start, event_type, page, count)
     SELECT {BUCKET.format(col="occurred_at")}, event_type, coalesce(page, ''), count(*)
@@ -166,88 +220,23 @@ counts AS (
     FROM {{src}} GROUP BY 1, 2 ORDER BY 1, 2
     ON CONFLICT (hour_start, session_id) DO UPDATE SET user_id = excluded.user_id
     WHERE r.user_id IS NULL AND excluded.user_id IS NOT NULL
-)"""
+)""",
+)
 
-_EVENT_RAW = """
-    INSERT INTO events (event_id, session_id, user_id, event_type, page, properties, occurred_at,
-                        received_at)
-    SELECT s.event_id, s.session_id, s.user_id, s.event_type, s.page, s.properties, s.occurred_at,
-           s.received_at
-"""
-
-# Some ids may exist already: ON CONFLICT finds the new ones, only those are
-# stored and rolled up, and the reply counts them per request (seq).
-EVENTS_SQL = f"""
-WITH new AS (
-    INSERT INTO event_keys (event_id, occurred_at)
-    SELECT event_id, occurred_at FROM pg_temp.stage_events ORDER BY event_id
-    ON CONFLICT DO NOTHING
-    RETURNING event_id
-), raw AS ({_EVENT_RAW}
-    FROM pg_temp.stage_events s JOIN new ON new.event_id = s.event_id
-    RETURNING event_type, page, session_id, user_id, occurred_at
-), {_EVENT_ROLLUPS.format(src="raw")}
-SELECT s.seq, count(*)::int FROM pg_temp.stage_events s JOIN new ON new.event_id = s.event_id
-GROUP BY s.seq LIMIT $1
-"""
-
-# The optimistic form, for a flush expected to hold only new ids: a plain
-# INSERT of the keys (a unique index probe per row, about 2/3 of ON CONFLICT's
-# speculative insertion; an anti-join probing the keys first costs more than
-# either), and the raw rows and rollups straight from the staging table, no
-# join. Any id that exists already, or that another transaction is inserting
-# at the same moment, aborts it with a unique violation: the flush is then
-# redone with the ON CONFLICT form above (which waits for that transaction
-# and counts its ids as duplicates), and the next flushes start with that
-# form too (see GroupCommitter.PESSIMISTIC_FLUSHES).
-EVENTS_FAST_SQL = f"""
-WITH new AS (
-    INSERT INTO event_keys (event_id, occurred_at)
-    SELECT event_id, occurred_at FROM pg_temp.stage_events ORDER BY event_id
-), raw AS ({_EVENT_RAW}
-    FROM pg_temp.stage_events s
-), {_EVENT_ROLLUPS.format(src="pg_temp.stage_events")}
-SELECT
-"""
-
-_STEP_ROLLUPS = f"""
+STEPS_SQL, STEPS_FAST_SQL = _stored_once_sql(
+    "stage_steps",
+    "step_keys",
+    "step_id",
+    "funnel_steps",
+    (*STEP_COLUMNS[1:], "received_at"),
+    f"""
 counts AS (
     INSERT INTO rollup_funnel AS r (bucket_start, step, effect_id, count)
     SELECT {BUCKET.format(col="occurred_at")}, step, coalesce(effect_id, ''), count(*)
     FROM {{src}} GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
     ON CONFLICT (bucket_start, step, effect_id) DO UPDATE SET count = r.count + excluded.count
-)"""
-
-_STEP_RAW = """
-    INSERT INTO funnel_steps (step_id, session_id, user_id, step, effect_id, properties, occurred_at,
-                              received_at)
-    SELECT s.step_id, s.session_id, s.user_id, s.step, s.effect_id, s.properties, s.occurred_at,
-           s.received_at
-"""
-
-STEPS_SQL = f"""
-WITH new AS (
-    INSERT INTO step_keys (step_id, occurred_at)
-    SELECT step_id, occurred_at FROM pg_temp.stage_steps ORDER BY step_id
-    ON CONFLICT DO NOTHING
-    RETURNING step_id
-), raw AS ({_STEP_RAW}
-    FROM pg_temp.stage_steps s JOIN new ON new.step_id = s.step_id
-    RETURNING step, effect_id, occurred_at
-), {_STEP_ROLLUPS.format(src="raw")}
-SELECT s.seq, count(*)::int FROM pg_temp.stage_steps s JOIN new ON new.step_id = s.step_id
-GROUP BY s.seq LIMIT $1
-"""
-
-STEPS_FAST_SQL = f"""
-WITH new AS (
-    INSERT INTO step_keys (step_id, occurred_at)
-    SELECT step_id, occurred_at FROM pg_temp.stage_steps ORDER BY step_id
-), raw AS ({_STEP_RAW}
-    FROM pg_temp.stage_steps s
-), {_STEP_ROLLUPS.format(src="pg_temp.stage_steps")}
-SELECT
-"""
+)""",
+)
 
 # Metrics, step 1: claim the keys never seen. Rows locked by our insert stay
 # ours until COMMIT; a concurrent inserter of the same key waits for us.
@@ -346,6 +335,14 @@ METRICS_APPLY_SQL = _METRICS_APPLY.format(
 # Retried once more in a fresh transaction: deadlocks between replicas, and a
 # row for a partition that does not exist yet (created by the hook first).
 _RETRYABLE = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
+
+
+def _one_tuple(microseconds: int) -> tuple[int]:
+    return (microseconds,)
+
+
+def _first(value: tuple[int]) -> int:
+    return value[0]
 
 
 class _Request:
@@ -506,12 +503,22 @@ class GroupCommitter:
         conn = await self._pool.acquire()
         try:
             await conn.execute(STAGING_DDL)
+            # Rows carry timestamps as PostgreSQL's int64 microseconds (validation.py): COPY
+            # writes them as they are, about 0.7 us less per timestamp than from a datetime.
+            await conn.set_type_codec(
+                "timestamptz", schema="pg_catalog", encoder=_one_tuple, decoder=_first, format="tuple"
+            )
         except BaseException:
             await self._release(conn)
             raise
         return conn
 
     async def _release(self, conn: asyncpg.Connection) -> None:
+        """Back to the pool with the default timestamptz codec, or closed."""
+        try:
+            await conn.reset_type_codec("timestamptz", schema="pg_catalog")
+        except Exception:
+            conn.terminate()  # never lend our codec to the pool's other users
         with contextlib.suppress(Exception):
             await self._pool.release(conn, timeout=5)
 

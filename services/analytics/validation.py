@@ -24,7 +24,6 @@ import math
 import re
 import sys
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from google.protobuf import struct_pb2, timestamp_pb2
@@ -44,9 +43,11 @@ MAX_ATTRIBUTE_CHARS = 256
 MAX_FUTURE_SECONDS = 300.0
 
 EVENT_TYPE = re.compile(r"[a-z][a-z0-9_]{0,63}")
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# Timestamps in rows are PostgreSQL's own representation: microseconds since
+# 2000-01-01 00:00:00 UTC, as an int. Cheaper to build than a datetime, and the
+# committer COPYs them as they are (ingest.py sets the codec on its connections).
+PG_EPOCH_SECONDS = 946_684_800  # 2000-01-01T00:00:00Z in Unix seconds
 # Compact JSON; non-finite numbers never get here (rejected while converting).
-_from_timestamp = datetime.fromtimestamp
 _to_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 # Rows, in the staging tables' column order (without the leading request seq):
@@ -54,6 +55,7 @@ _to_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 # metrics: name, metric_id, session_id, user_id, value, delta, rating, navigation_type, page,
 #          attributes, occurred_at, bin
 # steps:   step_id, session_id, user_id, step, effect_id, properties, occurred_at
+# occurred_at: microseconds since 2000-01-01 UTC (see PG_EPOCH_SECONDS).
 # (received_at is the flush's transaction time, filled in by PostgreSQL: a timestamp
 # less to encode per row; a missing timestamp makes occurred_at the request's receive time)
 Row = tuple[Any, ...]
@@ -71,7 +73,7 @@ class _Clock:
     __slots__ = ("earliest", "latest", "received_at")
 
     def __init__(self, now: float, retention_days: int) -> None:
-        self.received_at = EPOCH + timedelta(seconds=now)
+        self.received_at = round((now - PG_EPOCH_SECONDS) * 1_000_000)
         self.earliest = now - retention_days * 86400.0
         self.latest = now + MAX_FUTURE_SECONDS
 
@@ -109,14 +111,13 @@ def _check_text(
     return value
 
 
-def _occurred_at(item: Any, clock: _Clock, violations: FieldViolations, kind: str, i: int) -> datetime:
+def _occurred_at(item: Any, clock: _Clock, violations: FieldViolations, kind: str, i: int) -> int:
     if not item.HasField("timestamp"):
         return clock.received_at
     ts: timestamp_pb2.Timestamp = item.timestamp
     seconds, nanos = ts.seconds, ts.nanos
     if 0 <= nanos < 1_000_000_000 and clock.earliest <= seconds + nanos / 1e9 <= clock.latest:
-        # Exact: the float's error (< 0.25 us until 2106) is rounded away at microseconds.
-        return _from_timestamp(seconds + (nanos // 1000) / 1e6, UTC)
+        return (seconds - PG_EPOCH_SECONDS) * 1_000_000 + nanos // 1000
     path = f"{kind}[{i}].timestamp"
     if not 0 <= nanos < 1_000_000_000:
         violations.add(path, "nanos must be in [0, 1e9)")
@@ -365,11 +366,11 @@ def validate_events(request: analytics_pb2.RecordEventsRequest, now: float, limi
         violations.raise_if_any("invalid events")
     clock = _Clock(now, limits.retention_days)
     earliest, latest, received_at = clock.earliest, clock.latest, clock.received_at
+    pg_epoch = PG_EPOCH_SECONDS
     rows: list[Row] = []
     append = rows.append
     event_types = _event_types
     properties_json = _properties_json
-    from_timestamp = _from_timestamp
     for i, e in enumerate(items):
         try:
             event_id = e.event_id
@@ -396,7 +397,7 @@ def validate_events(request: analytics_pb2.RecordEventsRequest, now: float, limi
             if seconds or nanos:
                 if not (0 <= nanos < 1_000_000_000 and earliest <= seconds + nanos / 1e9 <= latest):
                     raise Declined
-                occurred_at = from_timestamp(seconds + (nanos // 1000) / 1e6, UTC)
+                occurred_at = (seconds - pg_epoch) * 1_000_000 + nanos // 1000
             elif e.HasField("timestamp"):
                 raise Declined
             else:
@@ -502,13 +503,13 @@ def validate_metrics(
         violations.raise_if_any("invalid metrics")
     clock = _Clock(now, limits.retention_days)
     earliest, latest, received_at = clock.earliest, clock.latest, clock.received_at
+    pg_epoch = PG_EPOCH_SECONDS
     rows: list[Row] = []
     append = rows.append
     names = vitals.METRIC_NAMES
     rate = vitals.rate
     bin_of = sketch.bin_of
     max_float = sys.float_info.max
-    from_timestamp = _from_timestamp
     for i, m in enumerate(items):
         try:
             metric_id = m.metric_id
@@ -541,7 +542,7 @@ def validate_metrics(
             if seconds or nanos:
                 if not (0 <= nanos < 1_000_000_000 and earliest <= seconds + nanos / 1e9 <= latest):
                     raise Declined
-                occurred_at = from_timestamp(seconds + (nanos // 1000) / 1e6, UTC)
+                occurred_at = (seconds - pg_epoch) * 1_000_000 + nanos // 1000
             elif m.HasField("timestamp"):
                 raise Declined
             else:
@@ -593,11 +594,11 @@ def validate_steps(request: analytics_pb2.RecordFunnelStepsRequest, now: float, 
         violations.raise_if_any("invalid funnel steps")
     clock = _Clock(now, limits.retention_days)
     earliest, latest, received_at = clock.earliest, clock.latest, clock.received_at
+    pg_epoch = PG_EPOCH_SECONDS
     rows: list[Row] = []
     append = rows.append
     numbers = vitals.STEP_NUMBER
     properties_json = _properties_json
-    from_timestamp = _from_timestamp
     for i, s in enumerate(items):
         try:
             step_id = s.step_id
@@ -624,7 +625,7 @@ def validate_steps(request: analytics_pb2.RecordFunnelStepsRequest, now: float, 
             if seconds or nanos:
                 if not (0 <= nanos < 1_000_000_000 and earliest <= seconds + nanos / 1e9 <= latest):
                     raise Declined
-                occurred_at = from_timestamp(seconds + (nanos // 1000) / 1e6, UTC)
+                occurred_at = (seconds - pg_epoch) * 1_000_000 + nanos // 1000
             elif s.HasField("timestamp"):
                 raise Declined
             else:

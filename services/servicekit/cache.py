@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Final, Generic, TypeVar, cast
 
 import redis.asyncio as aioredis
+from google.protobuf.message import Message
 from prometheus_client import Counter, Gauge
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
@@ -41,6 +42,7 @@ __all__ = [
     "RAW_BYTES",
     "MultiLevelCache",
     "bytes_passthrough",
+    "get_or_load_message",
     "json_deserializer",
     "json_serializer",
 ]
@@ -675,3 +677,22 @@ class MultiLevelCache(Generic[T]):
                 return
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self._backoff_max)
+
+
+M = TypeVar("M", bound=Message)
+
+
+async def get_or_load_message(
+    cache: MultiLevelCache[bytes],
+    key: str,
+    message_type: type[M],
+    loader: Callable[[], Awaitable[M]],
+    ttl: float,
+) -> M:
+    """A protobuf message through a cache of raw bytes (:data:`RAW_BYTES`): stored
+    serialized, so L1, Redis and every replica hold the same bytes."""
+
+    async def load() -> bytes:
+        return (await loader()).SerializeToString()
+
+    return message_type.FromString(await cache.get_or_load(key, load, ttl))

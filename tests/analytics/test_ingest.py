@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from google.protobuf import timestamp_pb2
 from cosnap.analytics.v1 import analytics_pb2, analytics_pb2_grpc
 from services.analytics import app as analytics_app
 from services.analytics import sketch
+from services.analytics.validation import Limits, Row, validate_events
 from services.servicekit.errors import bad_request_violations
 from services.servicekit.server import ServiceApp
 from tests.conftest import StartService
@@ -61,6 +63,12 @@ def event(event_id: str, **fields: Any) -> analytics_pb2.Event:
     fields.setdefault("session_id", "sess-1")
     fields.setdefault("event_type", "effect_click")
     return analytics_pb2.Event(event_id=event_id, **fields)
+
+
+def event_rows(count: int, **fields: Any) -> list[Row]:
+    """`count` new events as the committer takes them: validated rows."""
+    request = analytics_pb2.RecordEventsRequest(events=[event(uid("ev"), **fields) for _ in range(count)])
+    return validate_events(request, time.time(), Limits())
 
 
 def metric(metric_id: str, name: str, value: float, **fields: Any) -> analytics_pb2.PerformanceMetric:
@@ -255,6 +263,18 @@ async def test_failed_flush_fails_every_request_and_writes_nothing(svc: Svc) -> 
         assert await svc.db.fetchval(f"SELECT count(*) FROM {table} WHERE {column} = ANY($1)", bad) == 0
     assert await svc.db.fetchval("SELECT count(*) FROM rollup_events") == 0
     assert svc.committer.failed_flushes >= 1
+
+    # The flush's connection went back to the pool without the committer's timestamptz
+    # codec (ints in, ints out): every idle connection of the pool reads datetimes.
+    pool = svc.app.pool
+    assert pool is not None
+    connections = [await pool.acquire() for _ in range(pool.get_idle_size())]
+    try:
+        for conn in connections:
+            assert isinstance(await conn.fetchval("SELECT now()"), datetime)
+    finally:
+        for conn in connections:
+            await pool.release(conn)
 
     # The committer carries on; the failed ids were never stored, so they are new now.
     reply = await svc.stub.RecordEvents(
@@ -492,7 +512,7 @@ async def test_funnel_steps_are_stored_once_with_rollups(svc: Svc) -> None:
 async def test_shutdown_flushes_queued_rows_and_then_refuses(start_service: StartService) -> None:
     app = await start_service(analytics_app)
     committer = analytics_app.state(app).committer
-    rows = [(uid("ev"), "s", None, "t", None, None, datetime.now(UTC), datetime.now(UTC)) for _ in range(50)]
+    rows = event_rows(50)
     from services.analytics.ingest import Kind
 
     pending = [asyncio.ensure_future(committer.submit(Kind.EVENTS, [row])) for row in rows]
@@ -574,10 +594,7 @@ async def test_parallel_flushes_under_a_backlog(svc: Svc) -> None:
     committer = GroupCommitter(svc.app.pool, max_rows=100, concurrency=2, parallel_min_rows=1)
     await committer.start()
     try:
-        now = datetime.now(UTC)
-        batches = [
-            [(uid("ev"), f"s{b}", None, "bulk", None, None, now, now) for _ in range(10)] for b in range(60)
-        ]
+        batches = [event_rows(10, session_id=f"s{b}", event_type="bulk") for b in range(60)]
         # Every id twice: once alone, once again in a later request (a duplicate whichever flush it lands in).
         replies = await asyncio.gather(
             *(committer.submit(Kind.EVENTS, rows) for rows in batches),
