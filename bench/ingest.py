@@ -14,7 +14,7 @@
    batch-200 events/s / COPY rows/s (goal >= 0.3), checks every event was stored,
    and drops its schema.
 
-Steps 2 and 3 run in rounds (3 by default), each figure right after its own
+Steps 2 and 3 run in rounds (5 by default), each figure right after its own
 baseline; the medians over the rounds are reported.
 
 Uses TEST_DATABASE_URL / TEST_REDIS_URL (defaults: the local test instances).
@@ -50,7 +50,7 @@ METHOD = "/cosnap.analytics.v1.AnalyticsService/RecordEvents"
 REQUESTS = {1: 8000, 20: 2000, 200: 1000}
 COPY_ROWS = 200_000
 COPY_CHUNK = 5000
-ROUNDS = 3
+ROUNDS = 5
 EVENT_TYPES = ("page_view", "effect_click", "effect_view", "upload_start", "share")
 PAGES = tuple(f"/effects/{i}" for i in range(20))
 
