@@ -273,34 +273,13 @@ FROM old WHERE s.name = old.name AND s.metric_id = old.metric_id
 # the rollups: +1 at the new value for new keys; for changed keys +1 at the new
 # value and -1 at the old one, in the bucket and page of the first report. The
 # hourly, page-less sketch gets the same contributions summed per hour and bin.
-_METRICS_APPLY = """
-WITH raw_new AS (
-    INSERT INTO metrics (name, metric_id, session_id, user_id, value, delta, rating, navigation_type,
-                         page, attributes, occurred_at, received_at)
-    SELECT name, metric_id, session_id, user_id, value, delta, rating, navigation_type, page,
-           attributes, occurred_at, received_at
-    FROM pg_temp.stage_metrics WHERE is_new
-), raw_changed AS (
-    UPDATE metrics m
-    SET value = s.value, delta = s.delta, rating = s.rating, navigation_type = s.navigation_type,
-        attributes = s.attributes, received_at = s.received_at
-    FROM pg_temp.stage_metrics s
-    WHERE s.changed AND m.name = s.name AND m.metric_id = s.metric_id
-      AND m.occurred_at = s.old_occurred_at
-), keys_changed AS (
-    UPDATE metric_keys k SET value = s.value, bin = s.bin, rating = s.rating
-    FROM pg_temp.stage_metrics s
-    WHERE s.changed AND k.name = s.name AND k.metric_id = s.metric_id
-), contrib AS (
-    SELECT {bucket_new} AS bucket, name, coalesce(page, '') AS page, bin, rating, value, 1 AS sign
-    FROM pg_temp.stage_metrics WHERE is_new
-    UNION ALL
-    SELECT {bucket_old}, name, old_page, bin, rating, value, 1
-    FROM pg_temp.stage_metrics WHERE changed
-    UNION ALL
-    SELECT {bucket_old}, name, old_page, old_bin, old_rating, old_value, -1
-    FROM pg_temp.stage_metrics WHERE changed
-), bins AS (
+# Both joins here look rows up by key in a large table (metrics, metric_keys)
+# for a few thousand staged rows: the flusher runs this statement with hash and
+# merge joins off (METRICS_JOIN_BY_INDEX). Otherwise the planner, unable to
+# prune the metrics partitions at plan time, prices per-row index probes over
+# every partition above sorting the whole table, and the flush grows with it.
+_METRIC_ROLLUPS = """
+bins AS (
     INSERT INTO rollup_metric_bins AS r (bucket_start, name, page, bin, count)
     SELECT bucket, name, page, bin, sum(sign) FROM contrib
     GROUP BY 1, 2, 3, 4 HAVING sum(sign) <> 0 ORDER BY 1, 2, 3, 4
@@ -323,18 +302,84 @@ WITH raw_new AS (
         good = r.good + excluded.good,
         needs_improvement = r.needs_improvement + excluded.needs_improvement,
         poor = r.poor + excluded.poor
-)
+)""".format(hour=HOUR.format(col="bucket"))  # the hour of the 5-minute bucket is the hour of occurred_at
+
+_METRIC_RAW = """
+    INSERT INTO metrics (name, metric_id, session_id, user_id, value, delta, rating, navigation_type,
+                         page, attributes, occurred_at, received_at)
+    SELECT name, metric_id, session_id, user_id, value, delta, rating, navigation_type, page,
+           attributes, occurred_at, received_at
+    FROM pg_temp.stage_metrics"""
+
+METRICS_APPLY_SQL = f"""
+WITH raw_new AS ({_METRIC_RAW} WHERE is_new
+), raw_changed AS (
+    UPDATE metrics m
+    SET value = s.value, delta = s.delta, rating = s.rating, navigation_type = s.navigation_type,
+        attributes = s.attributes, received_at = s.received_at
+    FROM pg_temp.stage_metrics s
+    WHERE s.changed AND m.name = s.name AND m.metric_id = s.metric_id
+      AND m.occurred_at = s.old_occurred_at
+), keys_changed AS (
+    UPDATE metric_keys k SET value = s.value, bin = s.bin, rating = s.rating
+    FROM pg_temp.stage_metrics s
+    WHERE s.changed AND k.name = s.name AND k.metric_id = s.metric_id
+), contrib AS (
+    SELECT {BUCKET.format(col="occurred_at")} AS bucket, name, coalesce(page, '') AS page, bin, rating,
+           value, 1 AS sign
+    FROM pg_temp.stage_metrics WHERE is_new
+    UNION ALL
+    SELECT {BUCKET.format(col="old_occurred_at")}, name, old_page, bin, rating, value, 1
+    FROM pg_temp.stage_metrics WHERE changed
+    UNION ALL
+    SELECT {BUCKET.format(col="old_occurred_at")}, name, old_page, old_bin, old_rating, old_value, -1
+    FROM pg_temp.stage_metrics WHERE changed
+), {_METRIC_ROLLUPS}
 SELECT seq, count(*)::int FROM pg_temp.stage_metrics WHERE is_new OR changed GROUP BY seq LIMIT $1
 """
-METRICS_APPLY_SQL = _METRICS_APPLY.format(
-    bucket_new=BUCKET.format(col="occurred_at"),
-    bucket_old=BUCKET.format(col="old_occurred_at"),
-    hour=HOUR.format(col="bucket"),  # the hour of the 5-minute bucket is the hour of occurred_at
-)
+METRICS_JOIN_BY_INDEX = "SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off"
+METRICS_JOIN_DEFAULT = "RESET enable_hashjoin; RESET enable_mergejoin"
+
+# The optimistic form, for a flush expected to hold only keys never seen (see
+# _stored_once_sql): plain key insert, raw rows and rollups straight from
+# staging; no steps 1 and 2, no marking of staged rows.
+METRICS_FAST_SQL = f"""
+WITH new AS (
+    INSERT INTO metric_keys (name, metric_id, occurred_at, value, page, bin, rating)
+    SELECT name, metric_id, occurred_at, value, coalesce(page, ''), bin, rating
+    FROM pg_temp.stage_metrics ORDER BY name, metric_id
+), raw AS ({_METRIC_RAW}
+), contrib AS (
+    SELECT {BUCKET.format(col="occurred_at")} AS bucket, name, coalesce(page, '') AS page, bin, rating,
+           value, 1 AS sign
+    FROM pg_temp.stage_metrics
+), {_METRIC_ROLLUPS}
+SELECT
+"""
 
 # Retried once more in a fresh transaction: deadlocks between replicas, and a
 # row for a partition that does not exist yet (created by the hook first).
 _RETRYABLE = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
+
+
+STAGING: dict[Kind, tuple[str, tuple[str, ...]]] = {
+    Kind.EVENTS: ("stage_events", EVENT_COLUMNS),
+    Kind.METRICS: ("stage_metrics", METRIC_COLUMNS),
+    Kind.STEPS: ("stage_steps", STEP_COLUMNS),
+}
+OPTIMISTIC_SQL: dict[Kind, str] = {
+    Kind.EVENTS: EVENTS_FAST_SQL,
+    Kind.METRICS: METRICS_FAST_SQL,
+    Kind.STEPS: STEPS_FAST_SQL,
+}
+
+
+class _KeyConflict(Exception):
+    """An optimistic statement met an id that exists (or is being inserted) already."""
+
+    def __init__(self, kind: Kind) -> None:
+        super().__init__(kind)
+        self.kind = kind
 
 
 def _one_tuple(microseconds: int) -> tuple[int]:
@@ -360,9 +405,10 @@ class GroupCommitter:
     """Queues rows of concurrent requests; a flusher writes them, one transaction per flush.
 
     A flush first tries the optimistic statements (every id new). When an id
-    existed already, it is redone with ON CONFLICT, and so are the next
-    ``PESSIMISTIC_FLUSHES`` flushes: a client re-sending batches then costs
-    ON CONFLICT's price, not a failed attempt per flush.
+    of one kind (events, metrics, steps) existed already, that kind is redone
+    with ON CONFLICT, and so is that kind in its next ``PESSIMISTIC_FLUSHES``
+    flushes: a client re-sending batches, or web-vitals re-reporting CLS, then
+    costs ON CONFLICT's price, not a failed attempt per flush.
 
     One flush runs at a time while the backlog is small, so concurrent requests
     group naturally behind it. When at least ``parallel_min_rows`` rows are
@@ -404,7 +450,7 @@ class GroupCommitter:
         self.failed_flushes = 0
         self.rows_flushed = 0
         self.optimistic_fallbacks = 0  # flushes redone with ON CONFLICT (an id existed already)
-        self._pessimistic = 0  # flushes left that start with ON CONFLICT
+        self._pessimistic = dict.fromkeys(Kind, 0)  # per kind, flushes left that start with ON CONFLICT
         self.max_parallel = 0
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -530,25 +576,20 @@ class GroupCommitter:
         steps: dict[str, None] = {}
         metrics: dict[tuple[str, str], tuple[int, _Request]] = {}
         metric_records: list[tuple[Any, ...] | None] = []
-        fresh: dict[int, int] = {}  # seq -> rows staged (events and steps): accepted if all are new
         for request in batch:
             seq = request.seq
             if request.kind is Kind.EVENTS:
                 out = records.setdefault(Kind.EVENTS, [])
-                staged = len(out)
                 for row in request.rows:
                     if row[0] not in events:
                         events[row[0]] = None
                         out.append((seq, *row))
-                fresh[seq] = len(out) - staged
             elif request.kind is Kind.STEPS:
                 out = records.setdefault(Kind.STEPS, [])
-                staged = len(out)
                 for row in request.rows:
                     if row[0] not in steps:
                         steps[row[0]] = None
                         out.append((seq, *row))
-                fresh[seq] = len(out) - staged
             else:
                 for row in request.rows:
                     key = (row[0], row[1])
@@ -568,27 +609,32 @@ class GroupCommitter:
         if metric_records:
             records[Kind.METRICS] = [r for r in metric_records if r is not None]
 
+        optimistic: set[Kind] = set()
+        for kind in records:
+            if self._pessimistic[kind]:
+                self._pessimistic[kind] -= 1
+            else:
+                optimistic.add(kind)
         accepted: dict[int, int] = {}
-        optimistic = self._pessimistic == 0
-        self._pessimistic = max(0, self._pessimistic - 1)
-        for attempt in range(3):
+        retries = 0
+        while True:
             try:
-                accepted = await self._write(records, fresh, optimistic)
+                accepted = await self._write(records, optimistic)
                 break
-            except asyncpg.UniqueViolationError:
-                # One of the ids exists already (a re-sent item), or another
-                # transaction inserted it meanwhile: redo with ON CONFLICT.
-                if not optimistic:
-                    raise
-                optimistic = False
-                self._pessimistic = self.PESSIMISTIC_FLUSHES
+            except _KeyConflict as conflict:
+                # One of the ids exists already (a re-sent item), or another transaction
+                # inserted it meanwhile: redo that kind with ON CONFLICT (at most once per kind).
+                optimistic.discard(conflict.kind)
+                self._pessimistic[conflict.kind] = self.PESSIMISTIC_FLUSHES
                 self.optimistic_fallbacks += 1
             except _RETRYABLE:
-                if attempt == 2:
+                retries += 1
+                if retries > 2:
                     raise
             except asyncpg.CheckViolationError as exc:
                 # "no partition of relation ... found for row": create, then retry.
-                if attempt == 2 or self._ensure_partitions is None or "partition" not in str(exc):
+                retries += 1
+                if retries > 2 or self._ensure_partitions is None or "partition" not in str(exc):
                     raise
                 log.warning("row outside the existing partitions; creating partitions")
                 await self._ensure_partitions()
@@ -610,12 +656,12 @@ class GroupCommitter:
         FLUSH_SECONDS.observe(time.perf_counter() - started)
 
     async def _write(
-        self, records: dict[Kind, list[tuple[Any, ...]]], fresh: dict[int, int], optimistic: bool
+        self, records: dict[Kind, list[tuple[Any, ...]]], optimistic: set[Kind]
     ) -> dict[int, int]:
         """One transaction: stage, deduplicate, store, roll up; {seq: accepted}."""
         conn = await self._connection()
         try:
-            accepted = await self._transaction(conn, records, fresh, optimistic)
+            accepted = await self._transaction(conn, records, optimistic)
         except BaseException:
             # The connection may be broken: give it back to the pool, which resets or drops it.
             await self._release(conn)
@@ -624,44 +670,34 @@ class GroupCommitter:
         return accepted
 
     async def _transaction(
-        self,
-        conn: asyncpg.Connection,
-        records: dict[Kind, list[tuple[Any, ...]]],
-        fresh: dict[int, int],
-        optimistic: bool,
+        self, conn: asyncpg.Connection, records: dict[Kind, list[tuple[Any, ...]]], optimistic: set[Kind]
     ) -> dict[int, int]:
-        # Optimistic: events and steps all new (or the statement fails), so each
-        # request's staged rows are its accepted ones.
-        accepted: dict[int, int] = dict(fresh) if optimistic else {}
+        accepted: dict[int, int] = {}
         async with conn.transaction():
-            rows = records.get(Kind.EVENTS)
-            if rows:
-                await conn.copy_records_to_table(
-                    "stage_events", records=rows, columns=EVENT_COLUMNS, schema_name="pg_temp"
-                )
-                if optimistic:
-                    await conn.execute(EVENTS_FAST_SQL)
+            for kind in Kind:  # the same table order in every flush
+                rows = records.get(kind)
+                if not rows:
+                    continue
+                stage, columns = STAGING[kind]
+                await conn.copy_records_to_table(stage, records=rows, columns=columns, schema_name="pg_temp")
+                if kind in optimistic:
+                    try:
+                        await conn.execute(OPTIMISTIC_SQL[kind])
+                    except asyncpg.UniqueViolationError as exc:
+                        raise _KeyConflict(kind) from exc
+                    for row in rows:  # all new: every staged row is accepted
+                        accepted[row[0]] = accepted.get(row[0], 0) + 1
+                    continue
+                if kind is Kind.METRICS:
+                    status = await conn.execute(METRICS_NEW_SQL)
+                    if int(status.rsplit(" ", 1)[-1]) < len(rows):
+                        await conn.execute(METRICS_OLD_SQL)
+                    await conn.execute(METRICS_JOIN_BY_INDEX)
+                    sql = METRICS_APPLY_SQL
                 else:
-                    for seq, n in await conn.fetch(EVENTS_SQL, len(rows)):
-                        accepted[seq] = n
-            rows = records.get(Kind.METRICS)
-            if rows:
-                await conn.copy_records_to_table(
-                    "stage_metrics", records=rows, columns=METRIC_COLUMNS, schema_name="pg_temp"
-                )
-                status = await conn.execute(METRICS_NEW_SQL)
-                if int(status.rsplit(" ", 1)[-1]) < len(rows):
-                    await conn.execute(METRICS_OLD_SQL)
-                for seq, n in await conn.fetch(METRICS_APPLY_SQL, len(rows)):
+                    sql = EVENTS_SQL if kind is Kind.EVENTS else STEPS_SQL
+                for seq, n in await conn.fetch(sql, len(rows)):
                     accepted[seq] = n
-            rows = records.get(Kind.STEPS)
-            if rows:
-                await conn.copy_records_to_table(
-                    "stage_steps", records=rows, columns=STEP_COLUMNS, schema_name="pg_temp"
-                )
-                if optimistic:
-                    await conn.execute(STEPS_FAST_SQL)
-                else:
-                    for seq, n in await conn.fetch(STEPS_SQL, len(rows)):
-                        accepted[seq] = n
+                if kind is Kind.METRICS:
+                    await conn.execute(METRICS_JOIN_DEFAULT)
         return accepted

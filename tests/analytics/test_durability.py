@@ -70,6 +70,15 @@ async def stored(db: asyncpg.Connection, schema: str) -> dict[str, int]:
     return {r["batch"]: r["n"] for r in rows}
 
 
+async def sessions_gone(db: asyncpg.Connection, schema: str, timeout: float = 15.0) -> None:
+    """Until no PostgreSQL session of the service (application_name = its schema) is left."""
+    deadline = time.monotonic() + timeout
+    sql = "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1"
+    while await db.fetchval(sql, schema):
+        assert time.monotonic() < deadline, "the killed service's sessions did not end"
+        await asyncio.sleep(0.05)
+
+
 def start(schema: str, port: int, log: Path) -> subprocess.Popen[bytes]:
     proc = spawn_service("analytics", service_env(schema, GRPC_PORT=str(port)), log)
     try:
@@ -105,6 +114,9 @@ async def test_sigkill_loses_no_acknowledged_batch(tmp_path: Path, admin_pg: asy
         await run_until(address, load, "k", 1.5, signal.SIGKILL, proc)
         assert proc.wait(10) == -signal.SIGKILL
         assert load.acked and load.failed  # killed mid-stream: some acknowledged, some in flight
+        # A COMMIT the killed process had already sent may still land: read the database
+        # once its sessions are gone, so that what is stored now is final.
+        await sessions_gone(admin_pg, schema)
 
         counts = await stored(admin_pg, schema)
         missing = [b for b in load.acked if counts.get(b) != BATCH]

@@ -232,8 +232,17 @@ async def test_after_a_resend_the_next_flushes_start_with_on_conflict(svc: Svc) 
         assert await send(sent[1], uid("ev")) == (1, 1)
     assert committer.optimistic_fallbacks == fallbacks + 1  # no failed attempt meanwhile
     assert await send(sent[2]) == (1, 0)  # optimistic again, and it succeeds
-    assert await send(sent[2]) == (0, 1)
+
+    # Each kind on its own: a re-reported metric sends metrics to ON CONFLICT, not events.
+    mid = uid("m")
+    for value in (0.1, 0.12):
+        reply = await svc.stub.RecordPerformanceMetrics(
+            analytics_pb2.RecordPerformanceMetricsRequest(metrics=[metric(mid, "CLS", value)])
+        )
+        assert (reply.accepted, reply.duplicates) == (1, 0)
     assert committer.optimistic_fallbacks == fallbacks + 2
+    assert await send(sent[2]) == (0, 1)  # events are still optimistic: a failed attempt
+    assert committer.optimistic_fallbacks == fallbacks + 3
     stored = await svc.db.fetchval("SELECT count(*) FROM events WHERE event_id = ANY($1)", sent)
     assert stored == 3
     assert await svc.db.fetchval("SELECT sum(count) FROM rollup_events") == await svc.db.fetchval(
