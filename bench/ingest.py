@@ -10,6 +10,8 @@
    acknowledgement latency (an ack means committed);
 3. measures raw binary COPY rows/s of the same rows into an unindexed table;
    also the service process's CPU time per event for each batch size (from /proc, Linux);
+   then performance metrics in batches of 200: new reports, and the same ids
+   re-reported with new values (the latest value wins);
 4. prints the ratios: batch-1 req/s / echo req/s (goal >= 0.5) and
    batch-200 events/s / COPY rows/s (goal >= 0.3), checks every event was stored,
    and drops its schema.
@@ -46,8 +48,11 @@ from tests.support import DATABASE_URL, ROOT, free_port, service_env, spawn_serv
 
 CONCURRENCY = 64
 METHOD = "/cosnap.analytics.v1.AnalyticsService/RecordEvents"
+METRICS_METHOD = "/cosnap.analytics.v1.AnalyticsService/RecordPerformanceMetrics"
 # Requests per run at scale 1 (batch size -> requests).
 REQUESTS = {1: 8000, 20: 2000, 200: 1000}
+METRIC_REQUESTS = 500  # of 200 metrics, sent as new reports and again as re-reports
+METRIC_NAMES = ("LCP", "FCP", "CLS", "INP", "TTFB", "API_RESPONSE")
 COPY_ROWS = 200_000
 COPY_CHUNK = 5000
 ROUNDS = 5
@@ -78,17 +83,44 @@ def _requests(batch: int, count: int, tag: str) -> list[bytes]:
     return out
 
 
+def _metric_requests(count: int, tag: str, again: bool = False) -> list[bytes]:
+    """`count` RecordPerformanceMetrics requests of 200 metrics with unique ids; `again`
+    re-reports the same ids with new values (web-vitals reports CLS and INP as they grow)."""
+    out = []
+    now = datetime.now(UTC)
+    for r in range(count):
+        request = analytics_pb2.RecordPerformanceMetricsRequest()
+        for i in range(200):
+            n = r * 200 + i
+            name = METRIC_NAMES[n % len(METRIC_NAMES)]
+            m = request.metrics.add(
+                metric_id=f"{tag}-{r}-{i}",
+                session_id=f"sess-{n % 997}",
+                name=name,
+                value=(n % 3000) / (10_000 if name == "CLS" else 1) + (1 if again else 0),
+                page=PAGES[n % len(PAGES)],
+            )
+            if name == "API_RESPONSE":
+                m.attributes["endpoint"] = "/api/effects"
+            m.timestamp.FromDatetime(now)
+        out.append(request.SerializeToString())
+    return out
+
+
 def _percentile(samples: list[float], q: float) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
 
 
-async def drive(address: str, payloads: list[bytes], concurrency: int = CONCURRENCY) -> dict[str, float]:
+async def drive(
+    address: str, payloads: list[bytes], concurrency: int = CONCURRENCY, method: str = METHOD
+) -> dict[str, float]:
     """Send every payload over one channel with `concurrency` callers; throughput and latency."""
     latencies: list[float] = []
     async with grpc.aio.insecure_channel(address) as channel:
+        # Both replies have `accepted` first: one deserializer reads either.
         call = channel.unary_unary(
-            METHOD, response_deserializer=analytics_pb2.RecordEventsResponse.FromString
+            method, response_deserializer=analytics_pb2.RecordEventsResponse.FromString
         )
         # Warm the connection up.
         await call(payloads[0], timeout=30)
@@ -236,6 +268,8 @@ async def run(scale: float = 1.0, log_dir: Path | None = None, rounds: int = ROU
     copy_rows = max(20_000, int(COPY_ROWS * scale))
     measured: dict[str, list[dict[str, float]]] = {"echo": [], "copy": []}
     measured.update({f"batch_{batch}": [] for batch in plan})
+    measured.update({"metrics_new": [], "metrics_again": []})
+    metric_requests = max(CONCURRENCY * 2, int(METRIC_REQUESTS * scale))
     ratios: dict[str, list[float]] = {"batch1_vs_echo": [], "batch200_vs_copy": []}
     expected = 0
 
@@ -267,6 +301,17 @@ async def run(scale: float = 1.0, log_dir: Path | None = None, rounds: int = ROU
             ratios["batch200_vs_copy"].append(
                 measured["batch_200"][-1]["events_per_second"] / measured["copy"][-1]["rows_per_second"]
             )
+        # Performance metrics, batch 200, after the paired rounds (their writes would load the
+        # next round's baselines): new keys, then the same keys with new values.
+        for r in range(rounds):
+            metrics = _metric_requests(metric_requests, f"{tag}-m{r}")
+            measured["metrics_new"].append(
+                await _drive_service(service, port, metrics_port, metrics, 200, METRICS_METHOD)
+            )
+            metrics = _metric_requests(metric_requests, f"{tag}-m{r}", again=True)
+            measured["metrics_again"].append(
+                await _drive_service(service, port, metrics_port, metrics, 200, METRICS_METHOD)
+            )
     finally:
         _stop(service)
         _stop(echo)
@@ -291,12 +336,17 @@ async def run(scale: float = 1.0, log_dir: Path | None = None, rounds: int = ROU
 
 
 async def _drive_service(
-    service: subprocess.Popen[bytes], port: int, metrics_port: int, payloads: list[bytes], batch: int
+    service: subprocess.Popen[bytes],
+    port: int,
+    metrics_port: int,
+    payloads: list[bytes],
+    batch: int,
+    method: str = METHOD,
 ) -> dict[str, float]:
     """One figure of the service: throughput, latency, events per flush and its CPU per event."""
     before = _flush_stats(metrics_port)
     cpu_before = _cpu_seconds(service.pid)
-    figures = await drive(f"127.0.0.1:{port}", payloads)
+    figures = await drive(f"127.0.0.1:{port}", payloads, method=method)
     cpu_after = _cpu_seconds(service.pid)
     after = _flush_stats(metrics_port)
     flushes = after["flushes"] - before["flushes"]
@@ -332,6 +382,12 @@ def print_result(result: dict[str, Any]) -> None:
                 if "service_cpu_us_per_event" in f
                 else ")"
             )
+        )
+    for name, label in (("metrics_new", "new"), ("metrics_again", "re-reported")):
+        f = result[name]
+        print(
+            f"  metrics, batch 200, {label}: {f['events_per_second']:>10,} metrics/s  ack p50 {f['p50_ms']} ms"
+            f" p99 {f['p99_ms']} ms  (service CPU {f.get('service_cpu_us_per_event', '?')} us/metric)"
         )
     low1, high1 = result["ratio_batch1_vs_echo_range"]
     low200, high200 = result["ratio_batch200_vs_copy_range"]
