@@ -450,6 +450,7 @@ class GroupCommitter:
         self.failed_flushes = 0
         self.rows_flushed = 0
         self.optimistic_fallbacks = 0  # flushes redone with ON CONFLICT (an id existed already)
+        self.connections_prepared = 0  # pool connections given staging tables and the codec
         self._pessimistic = dict.fromkeys(Kind, 0)  # per kind, flushes left that start with ON CONFLICT
         self.max_parallel = 0
 
@@ -557,6 +558,7 @@ class GroupCommitter:
         except BaseException:
             await self._release(conn)
             raise
+        self.connections_prepared += 1
         return conn
 
     async def _release(self, conn: asyncpg.Connection) -> None:
@@ -662,6 +664,9 @@ class GroupCommitter:
         conn = await self._connection()
         try:
             accepted = await self._transaction(conn, records, optimistic)
+        except _KeyConflict:
+            self._idle.append(conn)  # rolled back cleanly: the connection is fine
+            raise
         except BaseException:
             # The connection may be broken: give it back to the pool, which resets or drops it.
             await self._release(conn)

@@ -225,9 +225,10 @@ async def test_after_a_resend_the_next_flushes_start_with_on_conflict(svc: Svc) 
         reply = await svc.stub.RecordEvents(batch(*ids))
         return reply.accepted, reply.duplicates
 
-    fallbacks = committer.optimistic_fallbacks
+    fallbacks, prepared = committer.optimistic_fallbacks, committer.connections_prepared
     assert await send(sent[0], sent[1]) == (1, 1)  # optimistic, fails, redone
     assert committer.optimistic_fallbacks == fallbacks + 1
+    assert committer.connections_prepared == prepared  # rolled back cleanly: its connection is kept
     for _ in range(committer.PESSIMISTIC_FLUSHES):  # one request per flush: sent one by one
         assert await send(sent[1], uid("ev")) == (1, 1)
     assert committer.optimistic_fallbacks == fallbacks + 1  # no failed attempt meanwhile
