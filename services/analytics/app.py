@@ -33,7 +33,7 @@ ACCESS = {
     "RecordFunnelSteps": Access.PUBLIC,
     "GetFunnelReport": Access.ADMIN,
     "GetPerformanceDashboard": Access.ADMIN,
-    "RecordRevenue": Access.ADMIN,  # admin or service token (the payment side)
+    "RecordRevenue": Access.USER,  # a valid token; the servicer admits admin and service only
     "RecordTaskEnds": Access.INTERNAL,  # service token only: server facts from effects
 }
 
@@ -48,6 +48,12 @@ class AnalyticsSettings(ServiceSettings):
     )
     analytics_max_batch_items: int = Field(500, ge=1, le=10_000, description="Items per ingest request.")
     analytics_flush_max_rows: int = Field(5000, ge=1, le=100_000, description="Rows per group commit.")
+    analytics_max_pending_rows: int = Field(
+        50_000,
+        ge=1,
+        le=10_000_000,
+        description="Rows queued or being written at most; beyond, ingest answers RESOURCE_EXHAUSTED (429).",
+    )
     analytics_flush_interval_ms: float = Field(
         0.0, ge=0, le=10_000, description="Extra wait for more rows before a flush; 0 flushes at once."
     )
@@ -98,6 +104,7 @@ async def wire(app: ServiceApp) -> None:
     committer = GroupCommitter(
         pool,
         max_rows=settings.analytics_flush_max_rows,
+        max_pending_rows=settings.analytics_max_pending_rows,
         flush_interval_ms=settings.analytics_flush_interval_ms,
         concurrency=settings.analytics_flush_concurrency,
         ensure_partitions=maintainer.ensure,

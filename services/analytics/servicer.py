@@ -7,11 +7,20 @@ import time
 import grpc
 
 from cosnap.analytics.v1 import analytics_pb2, analytics_pb2_grpc
+from services.servicekit.auth import current_principal
+from services.servicekit.errors import ServiceError
 
 from .dashboard import Dashboard
 from .funnel import FunnelReports
 from .ingest import GroupCommitter, Kind
-from .validation import Limits, validate_events, validate_metrics, validate_steps
+from .validation import (
+    Limits,
+    validate_events,
+    validate_metrics,
+    validate_revenue,
+    validate_steps,
+    validate_task_ends,
+)
 
 
 class AnalyticsServicer(analytics_pb2_grpc.AnalyticsServiceServicer):
@@ -47,6 +56,30 @@ class AnalyticsServicer(analytics_pb2_grpc.AnalyticsServiceServicer):
         rows = validate_steps(request, time.time(), self._limits)
         accepted, duplicates = await self._committer.submit(Kind.STEPS, rows)
         return analytics_pb2.RecordFunnelStepsResponse(accepted=accepted, duplicates=duplicates)
+
+    async def RecordRevenue(
+        self, request: analytics_pb2.RecordRevenueRequest, context: grpc.aio.ServicerContext
+    ) -> analytics_pb2.RecordRevenueResponse:
+        # Declared Access.USER (a valid token); revenue comes from the payment side only:
+        # an admin or a service token, never a user's.
+        principal = current_principal.get()
+        if principal is None or not (principal.is_admin or principal.is_service):
+            raise ServiceError(grpc.StatusCode.PERMISSION_DENIED, "admin or service token required")
+        rows = validate_revenue(request, time.time(), self._limits)
+        accepted, duplicates = await self._committer.submit(Kind.REVENUE, rows)
+        return analytics_pb2.RecordRevenueResponse(accepted=accepted, duplicates=duplicates)
+
+    async def RecordTaskEnds(
+        self, request: analytics_pb2.RecordTaskEndsRequest, context: grpc.aio.ServicerContext
+    ) -> analytics_pb2.RecordTaskEndsResponse:
+        # Access.INTERNAL: the kit admits a service token only. Checked again here: what this
+        # stores is trusted as a server fact.
+        principal = current_principal.get()
+        if principal is None or not principal.is_service:
+            raise ServiceError(grpc.StatusCode.PERMISSION_DENIED, "service token required")
+        rows = validate_task_ends(request, time.time(), self._limits)
+        accepted, duplicates = await self._committer.submit(Kind.TASK_ENDS, rows)
+        return analytics_pb2.RecordTaskEndsResponse(accepted=accepted, duplicates=duplicates)
 
     async def GetFunnelReport(
         self, request: analytics_pb2.GetFunnelReportRequest, context: grpc.aio.ServicerContext
