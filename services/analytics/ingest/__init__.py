@@ -21,10 +21,21 @@ import asyncpg
 from services.servicekit.clock import SYSTEM_CLOCK, Clock
 
 from .batcher import Batcher
-from .rows import CONTRACTS, Kind, Row, RowContract
+from .rows import CONTRACTS, EVENTS, METRICS, REVENUE, STEPS, TASK_ENDS, Kind, Row, RowContract
 from .writer import Writer
 
-__all__ = ["CONTRACTS", "GroupCommitter", "Kind", "Row", "RowContract"]
+__all__ = [
+    "CONTRACTS",
+    "EVENTS",
+    "METRICS",
+    "REVENUE",
+    "STEPS",
+    "TASK_ENDS",
+    "GroupCommitter",
+    "Kind",
+    "Row",
+    "RowContract",
+]
 
 
 class GroupCommitter:
