@@ -117,8 +117,8 @@ def _timestamp(item: Any, clock: _Clock) -> int | None:
     None when invalid (`_timestamp_problem` says why). An explicit 1970-01-01T00:00:00Z
     is present (and too old), so presence is asked only for an all-zero value."""
     ts = item.timestamp
-    seconds = ts.seconds
-    nanos = ts.nanos
+    seconds: int = ts.seconds
+    nanos: int = ts.nanos
     if seconds or nanos:
         if 0 <= nanos < 1_000_000_000 and clock.earliest <= seconds + nanos / 1e9 <= clock.latest:
             return (seconds - PG_EPOCH_SECONDS) * 1_000_000 + nanos // 1000
@@ -653,7 +653,7 @@ def minor_units(currency: str) -> int | None:
     if len(currency) != 3 or not currency.isascii() or not currency.isupper():
         return None
     try:
-        exponent = Currency(currency).exponent
+        exponent: int | None = Currency(currency).exponent
     except ValueError:
         return None
     return exponent

@@ -35,6 +35,7 @@ from typing import Any
 
 import asyncpg
 import grpc
+from asyncpg.pool import PoolConnectionProxy
 from prometheus_client import Counter, Histogram
 
 from services.servicekit.errors import ServiceError, unavailable
@@ -65,6 +66,7 @@ _RETRYABLE = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
 _DATA_SQLSTATE_CLASSES = ("22", "23", "54")  # data exception, integrity, program limit exceeded
 
 Records = dict[Kind, list[tuple[Any, ...]]]
+Connection = PoolConnectionProxy[asyncpg.Record]  # a pool connection, held across flushes
 
 
 def is_data_error(exc: BaseException) -> bool:
@@ -160,7 +162,7 @@ class Writer:
     ) -> None:
         self._pool = pool
         self._ensure_partitions = ensure_partitions
-        self._idle: list[asyncpg.Connection] = []  # connections with staging tables, not in use
+        self._idle: list[Connection] = []  # connections with staging tables, not in use
         self._pessimistic = dict.fromkeys(Kind, 0)  # per kind, flushes left that start with ON CONFLICT
         # Counters for tests and the benchmark.
         self.flushes = 0
@@ -265,7 +267,7 @@ class Writer:
         return accepted
 
     # -- connections ------------------------------------------------------------------------
-    async def _connection(self) -> asyncpg.Connection:
+    async def _connection(self) -> Connection:
         while self._idle:
             conn = self._idle.pop()
             if not conn.is_closed():
@@ -285,7 +287,7 @@ class Writer:
         self.connections_prepared += 1
         return conn
 
-    async def _release(self, conn: asyncpg.Connection) -> None:
+    async def _release(self, conn: Connection) -> None:
         """Back to the pool with the default timestamptz codec, or closed."""
         try:
             await conn.reset_type_codec("timestamptz", schema="pg_catalog")
@@ -312,9 +314,7 @@ class Writer:
         self._idle.append(conn)
         return accepted
 
-    async def _transaction(
-        self, conn: asyncpg.Connection, records: Records, optimistic: set[Kind]
-    ) -> dict[int, int]:
+    async def _transaction(self, conn: Connection, records: Records, optimistic: set[Kind]) -> dict[int, int]:
         accepted: dict[int, int] = {}
         async with conn.transaction():
             for kind in Kind:  # the same table order in every flush
