@@ -171,6 +171,7 @@ async def wire(app: ServiceApp, clock: Clock | None = None) -> None:
     app.on_shutdown(health.close)
 
     timings = TimingStore(pool, maintainer.ensure)
+    app.on_shutdown(timings.close)
     servicer = MonitoringServicer(
         clock,
         timings,
