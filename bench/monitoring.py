@@ -36,7 +36,8 @@ import grpc
 from bench.ingest import _percentile, _requests, _spawn_echo, _stop, _wait_answering
 from cosnap.analytics.v1 import analytics_pb2
 from cosnap.monitoring.v1 import monitoring_pb2
-from tests.support import DATABASE_URL, free_port, service_env, spawn_service, wait_serving
+from services.servicekit.auth import ServiceTokens
+from tests.support import DATABASE_URL, JWT_SECRET, free_port, service_env, spawn_service, wait_serving
 
 CONCURRENCY = 32
 ROUNDS = 3
@@ -50,9 +51,12 @@ ENDPOINTS = tuple(f"/cosnap.effects.v1.EffectsService/M{i}" for i in range(12))
 CODES = ("OK",) * 97 + ("INTERNAL", "UNAVAILABLE", "NOT_FOUND")
 
 
+_TOKENS = ServiceTokens(JWT_SECRET, "bench")
+
+
 def metadata() -> Sequence[tuple[str, str]]:
-    """What a service's stub attaches to an internal call (the service token)."""
-    return ()
+    """What a service's stub attaches to an internal call: its service token."""
+    return (_TOKENS.metadata(),)
 
 
 def _timing_requests(batch: int, count: int) -> list[bytes]:

@@ -11,12 +11,12 @@ from pydantic import Field, field_validator
 
 from cosnap.monitoring.v1 import monitoring_pb2, monitoring_pb2_grpc
 from services.servicekit.auth import Access
+from services.servicekit.clock import SYSTEM_CLOCK, Clock
 from services.servicekit.config import ServiceSettings
 from services.servicekit.partitions import DailyPartitions
 from services.servicekit.server import ServiceApp
 
 from .alerts import AlertBook
-from .clock import Clock, SystemClock
 from .election import Election
 from .engine import AlertEngine
 from .evaluator import Evaluator
@@ -120,7 +120,7 @@ async def wire(app: ServiceApp, clock: Clock | None = None) -> None:
     assert isinstance(settings, MonitoringSettings)
     assert app.pool is not None and app.redis is not None, "connect() first"
     pool = app.pool
-    clock = clock or SystemClock()
+    clock = clock or SYSTEM_CLOCK
 
     maintainer = DailyPartitions(
         pool,

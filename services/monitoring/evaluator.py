@@ -42,8 +42,9 @@ from typing import Any, Final
 
 import asyncpg
 
+from services.servicekit.clock import Clock
+
 from . import summary
-from .clock import Clock
 from .notify import Receiver, enqueue, fingerprint
 from .rules import Rule
 

@@ -37,8 +37,7 @@ from google.protobuf import message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cosnap.monitoring.v1 import monitoring_pb2
-
-from .clock import Clock
+from services.servicekit.clock import Clock
 
 log = logging.getLogger(__name__)
 

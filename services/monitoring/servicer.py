@@ -8,9 +8,9 @@ from datetime import timedelta
 import grpc
 
 from cosnap.monitoring.v1 import monitoring_pb2, monitoring_pb2_grpc
+from services.servicekit.clock import Clock
 
 from .alerts import AlertBook, validate_client_alerts
-from .clock import Clock
 from .health import SystemHealth
 from .stats import StatsStore, validate_stats
 from .summary import ServiceSummary

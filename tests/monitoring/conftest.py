@@ -17,7 +17,9 @@ from aiohttp import web
 
 from cosnap.monitoring.v1 import monitoring_pb2_grpc
 from services.monitoring import app as monitoring_app
-from services.monitoring.clock import Clock
+from services.servicekit.auth import ServiceTokens
+from services.servicekit.channels import service_channel
+from services.servicekit.clock import Clock
 from services.servicekit.server import ServiceApp
 from tests.support import DATABASE_URL, JWT_SECRET, REDIS_URL, unique_name
 
@@ -27,7 +29,24 @@ StartMonitoring = Callable[..., Awaitable[ServiceApp]]
 
 @pytest.fixture
 async def connect() -> AsyncIterator[Connect]:
-    """`stub = connect(app)`: a MonitoringService stub to a running app."""
+    """`stub = connect(app)`: a MonitoringService stub to a running app as another
+    service calls it: every call carries a `service` token (internal RPCs accept
+    nothing else; it replaces any `authorization` the call sets)."""
+    channels: list[grpc.aio.Channel] = []
+
+    def make(app: ServiceApp) -> monitoring_pb2_grpc.MonitoringServiceStub:
+        channel = service_channel(f"127.0.0.1:{app.port}", ServiceTokens(JWT_SECRET, "tests"))
+        channels.append(channel)
+        return monitoring_pb2_grpc.MonitoringServiceStub(channel)
+
+    yield make
+    for channel in channels:
+        await channel.close()
+
+
+@pytest.fixture
+async def connect_client() -> AsyncIterator[Connect]:
+    """`stub = connect_client(app)`: a stub as a browser or admin calls it (no token of its own)."""
     channels: list[grpc.aio.Channel] = []
 
     def make(app: ServiceApp) -> monitoring_pb2_grpc.MonitoringServiceStub:

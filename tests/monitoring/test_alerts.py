@@ -202,11 +202,11 @@ async def test_bad_client_alerts_are_400_and_store_nothing(edge: Any, body: Any,
     assert await app.pool.fetchval("SELECT count(*) FROM client_alert_keys") == 0
 
 
-async def test_internal_rpcs_are_not_routed_and_resolve_needs_a_valid_id(
-    start_monitoring: StartMonitoring, connect: Connect, admin_token: str
+async def test_resolve_needs_a_valid_id_and_listing_an_admin(
+    start_monitoring: StartMonitoring, connect_client: Connect, connect: Connect, admin_token: str
 ) -> None:
     app = await start_monitoring()
-    stub = connect(app)
+    stub = connect_client(app)
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await stub.ResolvePerformanceAlert(
             monitoring_pb2.ResolvePerformanceAlertRequest(alert_id="x" * 200, note="\x00"),
@@ -216,3 +216,6 @@ async def test_internal_rpcs_are_not_routed_and_resolve_needs_a_valid_id(
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await stub.ListPerformanceAlerts(monitoring_pb2.ListPerformanceAlertsRequest())
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.aio.AioRpcError) as info:  # another service is no admin
+        await connect(app).ListPerformanceAlerts(monitoring_pb2.ListPerformanceAlertsRequest())
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED

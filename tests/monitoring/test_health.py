@@ -15,8 +15,8 @@ import pytest
 from cosnap.monitoring.v1 import monitoring_pb2
 from services.effects import app as effects_app
 from services.monitoring import app as monitoring_app
-from services.monitoring.clock import ManualClock
 from services.monitoring.health import Check, overall
+from services.servicekit.clock import ManualClock
 from tests.conftest import StartService
 from tests.monitoring.conftest import Connect, StartMonitoring
 from tests.support import free_port

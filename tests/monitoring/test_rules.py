@@ -15,9 +15,9 @@ import pytest
 
 from cosnap.monitoring.v1 import monitoring_pb2, monitoring_pb2_grpc
 from services.monitoring import app as monitoring_app
-from services.monitoring.clock import ManualClock
 from services.monitoring.evaluator import Pass
 from services.monitoring.rules import RulesError, load_rules, parse_rule
+from services.servicekit.clock import ManualClock
 from services.servicekit.server import ServiceApp
 from tests.monitoring.conftest import Connect, Receiver, StartMonitoring
 
@@ -286,13 +286,13 @@ async def test_identical_alerts_are_one_alert_and_one_notification(driver: tuple
 
 
 async def test_an_admin_resolving_a_rule_alert_starts_the_rule_over(
-    driver: tuple[Driver, Receiver], admin_token: str
+    driver: tuple[Driver, Receiver], admin_token: str, connect_client: Connect
 ) -> None:
     d, receiver = driver
     for _ in range(3):
         await d.minute(latency(3500.0))
     (alert,) = await d.alerts()
-    reply = await d.stub.ResolvePerformanceAlert(
+    reply = await connect_client(d.app).ResolvePerformanceAlert(
         monitoring_pb2.ResolvePerformanceAlertRequest(alert_id=alert["alert_id"], note="looking into it"),
         metadata=(("authorization", f"Bearer {admin_token}"),),
     )
