@@ -167,6 +167,7 @@ async def wire(app: ServiceApp, clock: Clock | None = None) -> None:
         timeout_seconds=settings.monitoring_health_timeout_seconds,
         slow_ms=settings.monitoring_health_slow_ms,
         ttl_seconds=settings.monitoring_health_ttl_seconds,
+        metadata=lambda: [app.service_tokens.metadata()],
     )
     app.on_shutdown(health.close)
 
