@@ -31,7 +31,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeAlias
 
 import asyncpg
 import grpc
@@ -66,7 +66,8 @@ _RETRYABLE = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
 _DATA_SQLSTATE_CLASSES = ("22", "23", "54")  # data exception, integrity, program limit exceeded
 
 Records = dict[Kind, list[tuple[Any, ...]]]
-Connection = PoolConnectionProxy[asyncpg.Record]  # a pool connection, held across flushes
+# A pool connection, held across flushes.
+Connection: TypeAlias = "PoolConnectionProxy[asyncpg.Record]"
 
 
 def is_data_error(exc: BaseException) -> bool:
