@@ -211,7 +211,7 @@ def test_hadolint_has_teeth(tmp_path: Path) -> None:
 
 
 def test_multi_stage_with_pinned_bases() -> None:
-    args, stages = parse()
+    _, stages = parse()
     assert len(stages) >= 2, "multi-stage: build tools stay out of the runtime image"
     for stage in stages:
         base = stage.base

@@ -118,12 +118,16 @@ def problems(config: Any, expected: list[Binding]) -> list[str]:
     return found
 
 
-def test_every_binding_has_the_rule_its_access_level_needs(raw: dict[str, Any], expected: list[Binding]) -> None:
+def test_every_binding_has_the_rule_its_access_level_needs(
+    raw: dict[str, Any], expected: list[Binding]
+) -> None:
     assert {b.access for b in expected} == {Access.PUBLIC, Access.USER, Access.ADMIN}
     assert problems(jwt_config(raw), expected) == []
 
 
-def test_the_check_catches_an_unprotected_or_locked_path(raw: dict[str, Any], expected: list[Binding]) -> None:
+def test_the_check_catches_an_unprotected_or_locked_path(
+    raw: dict[str, Any], expected: list[Binding]
+) -> None:
     rest = next(li for li in raw["static_resources"]["listeners"] if li["name"] == "rest")
     filters = rest["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
 
@@ -131,7 +135,9 @@ def test_the_check_catches_an_unprotected_or_locked_path(raw: dict[str, Any], ex
         copied = copy.deepcopy(raw)
         rest = next(li for li in copied["static_resources"]["listeners"] if li["name"] == "rest")
         (jwt_filter,) = [
-            f for f in rest["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"] if f["name"] == JWT
+            f
+            for f in rest["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
+            if f["name"] == JWT
         ]
         change(jwt_filter["typed_config"]["rules"])
         return problems(jwt_config(copied), expected)
