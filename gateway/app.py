@@ -15,6 +15,7 @@ import grpc
 from aiohttp import web
 from google.protobuf.message import Message
 
+from gateway import docs
 from gateway.config import Settings
 from gateway.routes import Route, RouteTable, build_routes, load_descriptors
 from gateway.status import StatusRenderer, status_json
@@ -304,5 +305,6 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app[EDGE] = edge
     app.cleanup_ctx.append(edge.channels_ctx)
     app.router.add_get("/healthz", edge.healthz)
+    docs.setup(app, edge.transcoder.pool, edge.routes)  # /api/openapi.json, /api/docs, /metrics
     app.router.add_route("*", "/{tail:.*}", edge.transcode)
     return app
