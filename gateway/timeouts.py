@@ -23,6 +23,7 @@ TIMEOUTS: dict[str, float] = {
     "/cosnap.analytics.v1.AnalyticsService/RecordEvents": INGEST_SECONDS,
     "/cosnap.analytics.v1.AnalyticsService/RecordPerformanceMetrics": INGEST_SECONDS,
     "/cosnap.analytics.v1.AnalyticsService/RecordFunnelSteps": INGEST_SECONDS,
+    "/cosnap.analytics.v1.AnalyticsService/RecordRevenue": INGEST_SECONDS,
     "/cosnap.monitoring.v1.MonitoringService/ReportPerformanceAlerts": INGEST_SECONDS,
     # Reports computed over up to 30 days of rollups when the cache is cold.
     "/cosnap.analytics.v1.AnalyticsService/GetFunnelReport": REPORT_SECONDS,
