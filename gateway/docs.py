@@ -4,6 +4,7 @@ CDN), and Prometheus metrics of the edge itself (requests, latency, status per r
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -13,7 +14,6 @@ from aiohttp import web
 from google.protobuf.descriptor_pool import DescriptorPool
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
-from gateway.openapi import build_document
 from gateway.routes import RouteTable
 
 OPENAPI_PATH = "/api/openapi.json"
@@ -96,12 +96,23 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 def setup(app: web.Application, pool: DescriptorPool, routes: RouteTable) -> EdgeMetrics:
     """Add the pages and /metrics (call before the edge's catch-all route is added) and the
     middleware that counts every request."""
-    document = json.dumps(build_document(pool, routes), separators=(",", ":")).encode()
     page = _PAGE.format(docs=DOCS_PATH).encode()
     init = _INIT.format(spec=OPENAPI_PATH).encode()
+    document: list[bytes] = []
+    lock = asyncio.Lock()
+
+    def build() -> bytes:
+        # Imported here: reading every service's access levels imports the services, which
+        # the edge does not need to start.
+        from gateway.openapi import build_document
+
+        return json.dumps(build_document(pool, routes), separators=(",", ":")).encode()
 
     async def openapi(request: web.Request) -> web.Response:
-        return web.Response(body=document, content_type="application/json")
+        async with lock:
+            if not document:
+                document.append(await asyncio.to_thread(build))
+        return web.Response(body=document[0], content_type="application/json")
 
     async def docs(request: web.Request) -> web.Response:
         return web.Response(body=page, content_type="text/html")
