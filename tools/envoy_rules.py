@@ -11,6 +11,7 @@ tests/gateway/test_envoy_jwt.py and test_route_parity.py check the result indepe
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from gateway.access import Binding, bindings
@@ -102,14 +103,13 @@ def grpc_routes(derived: list[Binding], indent: str) -> list[str]:
     return lines
 
 
-def rewrite(text: str, name: str, make: object) -> str:
+def rewrite(text: str, name: str, make: Callable[[str], list[str]]) -> str:
     begin, end = BEGIN.format(name=name), END.format(name=name)
     pattern = re.compile(rf"^(?P<indent>[ ]*){re.escape(begin)}\n.*?^[ ]*{re.escape(end)}\n", re.M | re.S)
     found = pattern.search(text)
     if found is None:
         raise SystemExit(f"{ENVOY}: markers {begin!r} ... {end!r} not found")
     indent = found.group("indent")
-    assert callable(make)
     body = "\n".join(make(indent)) + "\n"
     return text[: found.start()] + f"{indent}{begin}\n{body}{indent}{end}\n" + text[found.end() :]
 
