@@ -33,7 +33,7 @@ ACCESS = {
     "RecordFunnelSteps": Access.PUBLIC,
     "GetFunnelReport": Access.ADMIN,
     "GetPerformanceDashboard": Access.ADMIN,
-    "RecordRevenue": Access.USER,  # a valid token; the servicer admits admin and service only
+    "RecordRevenue": Access.ADMIN,  # the payment side, never a browser (API.md)
     "RecordTaskEnds": Access.INTERNAL,  # service token only: server facts from effects
 }
 

@@ -1,4 +1,4 @@
-"""Revenue (admin or service token, idempotent by orderId, exact decimals) and
+"""Revenue (admin token, idempotent by orderId, exact decimals) and
 server facts from effects (service token only: a browser cannot forge one), on a
 real analytics service through gRPC and the REST edge."""
 
@@ -63,11 +63,11 @@ async def test_revenue_is_stored_exactly_once_per_order(
     request = analytics_pb2.RecordRevenueRequest(revenue=orders)
     reply = await stub.RecordRevenue(request, metadata=auth(ADMIN))
     assert (reply.accepted, reply.duplicates) == (3, 0)
-    # The payment side re-sends (a retry, a service token this time): duplicates, nothing new;
+    # The payment side re-sends (a retry): duplicates, nothing new;
     # and a changed amount under the same orderId does not overwrite the first report.
     changed = analytics_pb2.Revenue(order_id=orders[0].order_id, user_id="u-1", amount="1", currency="USD")
     reply = await stub.RecordRevenue(
-        analytics_pb2.RecordRevenueRequest(revenue=[*orders, changed]), metadata=auth(SERVICE)
+        analytics_pb2.RecordRevenueRequest(revenue=[*orders, changed]), metadata=auth(ADMIN)
     )
     assert (reply.accepted, reply.duplicates) == (0, 4)
     rows = await fetch(
@@ -84,12 +84,12 @@ async def test_revenue_is_stored_exactly_once_per_order(
         analytics_pb2.Revenue(order_id=uid("c"), user_id="u-3", amount="0.01", currency="EUR")
         for _ in range(300)
     ]
-    await stub.RecordRevenue(analytics_pb2.RecordRevenueRequest(revenue=cents), metadata=auth(SERVICE))
+    await stub.RecordRevenue(analytics_pb2.RecordRevenueRequest(revenue=cents), metadata=auth(ADMIN))
     (total,) = await fetch(app, "SELECT sum(amount) AS s FROM revenue WHERE currency = 'EUR'")
     assert total["s"] == Decimal("3.00")
 
 
-async def test_revenue_needs_an_admin_or_service_token(stub: analytics_pb2_grpc.AnalyticsServiceStub) -> None:
+async def test_revenue_needs_an_admin_token(stub: analytics_pb2_grpc.AnalyticsServiceStub) -> None:
     request = analytics_pb2.RecordRevenueRequest(
         revenue=[analytics_pb2.Revenue(order_id=uid("o"), user_id="u", amount="1", currency="USD")]
     )
