@@ -35,6 +35,7 @@ from cosnap.monitoring.v1 import monitoring_pb2_grpc
 from . import db
 from .auth import Access, ServiceTokens
 from .channels import service_channel
+from .clock import SYSTEM_CLOCK, Clock
 from .config import ServiceSettings
 from .interceptors import ServiceInterceptor, TimingSink
 from .reporter import MonitoringReporter, ReporterSettings, cache_counts, default_instance
@@ -75,6 +76,8 @@ class ServiceApp:
         # This service's own `service` token, for calling the others' internal RPCs.
         self.service_tokens = ServiceTokens(settings.auth_jwt_secret, name)
         self._channels: dict[str, grpc.aio.Channel] = {}
+        # The clock of the kit's caches and of whatever the wiring builds (tests set a ManualClock).
+        self.clock: Clock = SYSTEM_CLOCK
         self.instance = settings.instance_name or default_instance()
         self._interceptor: ServiceInterceptor | None = None
         # Ships RPC timings and instance stats to monitoring (None without MONITORING_ADDR).
@@ -109,6 +112,7 @@ class ServiceApp:
         from .cache import MultiLevelCache
 
         assert self.redis is not None, "connect() first"
+        options.setdefault("clock", self.clock)
         cache = MultiLevelCache(self.redis, prefix=self.redis_prefix, name=name, **options)
         await cache.start()
         self._caches.append(cache)
