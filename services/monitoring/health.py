@@ -36,6 +36,7 @@ import redis.asyncio as aioredis
 from google.protobuf import message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cosnap.effects.v1 import effects_pb2
 from cosnap.monitoring.v1 import monitoring_pb2
 from services.servicekit.clock import Clock
 
@@ -43,10 +44,11 @@ log = logging.getLogger(__name__)
 
 HEALTHY, DEGRADED, UNHEALTHY = "healthy", "degraded", "unhealthy"
 EFFECTS_SERVICE: Final = "cosnap.effects.v1.EffectsService"
-# The effects RPC that reports RunningHub per region; used when the effects
-# contract has it: a reply with a repeated message field whose items carry
-# `region` and `status` (healthy, degraded, unhealthy) and optionally `latency_ms`.
-RUNNINGHUB_METHOD: Final = "GetRunningHubHealth"
+# The effects RPC that reports RunningHub per region (internal, a service token):
+# looked up in the descriptor pool, so monitoring runs with or without it; its reply
+# has a repeated message field whose items carry `name` ("runninghub-cn") or
+# `region`, `status` (healthy, degraded, unhealthy), `latency_ms` and `detail`.
+RUNNINGHUB_METHOD: Final = "GetUpstreamHealth"
 
 
 @dataclass(frozen=True)
@@ -200,12 +202,7 @@ class SystemHealth:
 
     async def _runninghub(self) -> list[Check] | None:
         """RunningHub per region from effects; nothing while effects has no such RPC."""
-        from google.protobuf import descriptor_pool
-
-        try:
-            service = descriptor_pool.Default().FindServiceByName(EFFECTS_SERVICE)
-        except KeyError:
-            return None
+        service = effects_pb2.DESCRIPTOR.services_by_name["EffectsService"]
         method = service.methods_by_name.get(RUNNINGHUB_METHOD)
         if method is None:
             return None
@@ -230,19 +227,16 @@ class SystemHealth:
             if fd.message_type is None or fd.label != fd.LABEL_REPEATED:
                 continue
             for item in getattr(reply, fd.name):
-                region = str(getattr(item, "region", ""))[:32]
+                name = str(getattr(item, "name", "") or "")
+                if not name.startswith("runninghub-"):
+                    name = f"runninghub-{getattr(item, 'region', '')}"
+                if not name.replace("-", "").isalnum() or len(name) > 40:
+                    continue
                 status = str(getattr(item, "status", "")).lower()
+                known = status in (HEALTHY, DEGRADED, UNHEALTHY)
+                detail = str(getattr(item, "detail", "") or status)[:100] if known else "unknown"
                 latency = float(getattr(item, "latency_ms", 0.0) or 0.0)
-                if region.replace("-", "").isalnum():
-                    known = status in (HEALTHY, DEGRADED, UNHEALTHY)
-                    out.append(
-                        Check(
-                            f"runninghub-{region}",
-                            status if known else DEGRADED,
-                            latency,
-                            status if known else "unknown",
-                        )
-                    )
+                out.append(Check(name, status if known else DEGRADED, latency, detail))
         return out
 
     async def close(self) -> None:
