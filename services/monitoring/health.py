@@ -23,6 +23,7 @@ unreachable, ...): never an address, a secret or an exception's text.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -34,7 +35,7 @@ import asyncpg
 import grpc
 import redis.asyncio as aioredis
 from google.protobuf import message_factory
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from cosnap.effects.v1 import effects_pb2
 from cosnap.monitoring.v1 import monitoring_pb2
@@ -79,7 +80,7 @@ def overall(checks: list[Check], critical: set[str]) -> str:
 
 
 async def _timed(
-    name: str, probe: Callable[[], Awaitable[Check | None]], timeout: float, bad: str
+    name: str, probe: Callable[[], Awaitable[Check | list[Check] | None]], timeout: float, bad: str
 ) -> Check | list[Check] | None:
     started = time.perf_counter()
     try:
@@ -142,7 +143,7 @@ class SystemHealth:
         ]
         for name, address in self._targets.items():
             probes.append(
-                _timed(name, lambda n=name, a=address: self._service(n, a), self._timeout, UNHEALTHY)
+                _timed(name, functools.partial(self._service, name, address), self._timeout, UNHEALTHY)
             )
         if "effects" in self._targets:
             probes.append(_timed("runninghub", self._runninghub, self._timeout, DEGRADED))
@@ -188,9 +189,13 @@ class SystemHealth:
 
     async def _service(self, name: str, address: str) -> Check:
         started = time.perf_counter()
-        stub = health_pb2_grpc.HealthStub(self._channel(address))
+        check = self._channel(address).unary_unary(
+            "/grpc.health.v1.Health/Check",
+            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+            response_deserializer=health_pb2.HealthCheckResponse.FromString,
+        )
         try:
-            reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=self._timeout)
+            reply = await check(health_pb2.HealthCheckRequest(service=""), timeout=self._timeout)
         except grpc.aio.AioRpcError as exc:
             detail = "timeout" if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED else "unreachable"
             return Check(name, UNHEALTHY, (time.perf_counter() - started) * 1000, detail)
@@ -208,7 +213,9 @@ class SystemHealth:
             return None
         request_cls = message_factory.GetMessageClass(method.input_type)
         reply_cls = message_factory.GetMessageClass(method.output_type)
-        call = self._channel(self._targets["effects"]).unary_unary(
+        call: grpc.aio.UnaryUnaryMultiCallable[Any, Any] = self._channel(
+            self._targets["effects"]
+        ).unary_unary(
             f"/{EFFECTS_SERVICE}/{RUNNINGHUB_METHOD}",
             request_serializer=lambda m: m.SerializeToString(),
             response_deserializer=reply_cls.FromString,

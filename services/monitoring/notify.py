@@ -30,6 +30,8 @@ import asyncpg
 from prometheus_client import Counter
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
+from .summary import Connection
+
 log = logging.getLogger(__name__)
 
 ZERO_TIME: Final = "0001-01-01T00:00:00Z"
@@ -111,7 +113,7 @@ def webhook_body(
 
 
 async def enqueue(
-    conn: asyncpg.Connection,
+    conn: Connection,
     receivers: list[Receiver],
     external_url: str,
     status: str,
