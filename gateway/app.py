@@ -8,6 +8,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeAlias
 from urllib.parse import unquote
 
 import brotli
@@ -36,7 +37,7 @@ CHANNEL_OPTIONS = [
 
 REQUEST_ID = web.RequestKey("request_id", str)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-UnaryCall = grpc.aio.UnaryUnaryMultiCallable
+UnaryCall: TypeAlias = "grpc.aio.UnaryUnaryMultiCallable[Message, Message]"
 
 
 def _serialize(message: Message) -> bytes:

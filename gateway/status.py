@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from google.protobuf import json_format
@@ -88,7 +88,7 @@ class StatusRenderer:
                 printed = json_format.MessageToDict(status, descriptor_pool=self.pool)
             except (DecodeError, TypeError, KeyError, json_format.Error):
                 return None  # undecodable details (e.g. an unknown Any type): plain status
-            if status.code != code.value[0]:
+            if cast(Any, status).code != code.value[0]:
                 return None  # inconsistent with grpc-status: trust grpc-status
             return json.dumps(printed, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
         return None

@@ -82,9 +82,11 @@ def _text_value(fd: FieldDescriptor, value: str) -> Any:
 def _nested(chain: list[FieldDescriptor], values: list[str]) -> dict[str, Any]:
     texts = [_text_value(chain[-1], v) for v in values]
     leaf: Any = texts if chain[-1].is_repeated else texts[-1]
+    nested: dict[str, Any] = {}
     for fd in reversed(chain):
-        leaf = {fd.json_name: leaf}
-    return leaf
+        nested = {fd.json_name: leaf}
+        leaf = nested
+    return nested
 
 
 def _leaf_value(message: Message, chain: list[FieldDescriptor]) -> tuple[bool, Any]:
@@ -186,7 +188,8 @@ class Transcoder:
 
     def _apply_body(self, request: Message, route: Route, body: bytes, content_type: str) -> None:
         if route.raw_body:
-            target = request if route.body == "*" else getattr(request, route.body)
+            # A google.api.HttpBody, from the descriptor pool (no static type).
+            target: Any = request if route.body == "*" else getattr(request, route.body)
             target.content_type = content_type
             target.data = body
             return
@@ -220,7 +223,7 @@ class Transcoder:
             fd = reply.DESCRIPTOR.fields_by_name[route.response_body]
             if fd.message_type is None or fd.is_repeated:
                 # A scalar or repeated field: print it alone, as its JSON value.
-                only = self.message_class(reply.DESCRIPTOR)()
+                only = type(reply)()
                 only.MergeFrom(reply)
                 for other in reply.DESCRIPTOR.fields:
                     if other is not fd:
@@ -229,8 +232,9 @@ class Transcoder:
                 return _dumps(printed), "application/json"
             target = getattr(reply, fd.name)
         if target.DESCRIPTOR.full_name == HTTP_BODY:
-            content_type = target.content_type or "application/octet-stream"
-            return bytes(target.data), content_type
+            http_body: Any = target
+            content_type = http_body.content_type or "application/octet-stream"
+            return bytes(http_body.data), content_type
         # Replies print zero values too (Envoy's always_print_primitive_fields),
         # so `{"accepted": 1, "duplicates": 0}` keeps the shape API.md promises.
         return _dumps(self.to_dict(target, with_defaults=True)), "application/json"

@@ -62,12 +62,12 @@ class Embedded:
         self.redis: Any = None
 
     def database_url(self) -> str:
-        import pgserver
+        from pgserver.postgres_server import get_server
 
         data = LOCAL / "pgdata"
         data.mkdir(parents=True, exist_ok=True)
         say(f"starting embedded PostgreSQL (pgserver) in {data}")
-        self.pg = pgserver.get_server(data, cleanup_mode="stop")
+        self.pg = get_server(data, cleanup_mode="stop")
         return str(self.pg.get_uri())
 
     def redis_url(self) -> str:
@@ -96,14 +96,18 @@ async def pump(name: str, stream: asyncio.StreamReader) -> None:
 
 async def wait_serving(address: str, timeout: float = 60.0) -> bool:
     import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_health.v1 import health_pb2
 
     deadline = time.monotonic() + timeout
     async with grpc.aio.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
+        check = channel.unary_unary(
+            "/grpc.health.v1.Health/Check",
+            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+            response_deserializer=health_pb2.HealthCheckResponse.FromString,
+        )
         while time.monotonic() < deadline:
             with contextlib.suppress(grpc.RpcError):
-                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                reply = await check(health_pb2.HealthCheckRequest(), timeout=1)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     return True
             await asyncio.sleep(0.2)

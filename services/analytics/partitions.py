@@ -21,7 +21,7 @@ from datetime import UTC, date, datetime, timedelta
 
 import asyncpg
 
-from services.servicekit.db import check_schema_name
+from services.servicekit.db import Connection, check_schema_name
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ class PartitionMaintainer:
         """Create missing partitions only (the committer's answer to a row without one)."""
         return await self.run_once(retire=False)
 
-    async def _partitions(self, conn: asyncpg.Connection) -> dict[str, dict[date, str]]:
+    async def _partitions(self, conn: Connection) -> dict[str, dict[date, str]]:
         rows = await conn.fetch(
             """
             SELECT parent.relname AS parent, child.relname AS child

@@ -61,7 +61,7 @@ class ServiceApp:
         self.db_healthy = False
         self._services: list[tuple[ServiceDescriptor, Any, Callable[[Any, grpc.aio.Server], None]]] = []
         self._access: dict[str, Access] = {}
-        self._caches: list[MultiLevelCache] = []
+        self._caches: list[MultiLevelCache[Any]] = []
         self._shutdown_hooks: list[Hook] = []
         self._background: list[asyncio.Task[Any]] = []
         self._server: grpc.aio.Server | None = None
@@ -93,12 +93,14 @@ class ServiceApp:
             retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=1),
         )
 
-    async def cache(self, name: str, **options: Any) -> MultiLevelCache:
+    async def cache(self, name: str, **options: Any) -> MultiLevelCache[Any]:
         """A named multi-level cache under this service's key prefix."""
         from .cache import MultiLevelCache
 
         assert self.redis is not None, "connect() first"
-        cache = MultiLevelCache(self.redis, prefix=self.redis_prefix, name=name, **options)
+        cache: MultiLevelCache[Any] = MultiLevelCache(
+            self.redis, prefix=self.redis_prefix, name=name, **options
+        )
         await cache.start()
         self._caches.append(cache)
         return cache
@@ -109,7 +111,7 @@ class ServiceApp:
         return [descriptor.full_name for descriptor, _, _ in self._services]
 
     @property
-    def caches(self) -> list[MultiLevelCache]:
+    def caches(self) -> list[MultiLevelCache[Any]]:
         return list(self._caches)
 
     def add_service(
