@@ -1,4 +1,6 @@
-"""Fixtures: real PostgreSQL and Redis (CI: 127.0.0.1:5432 `test`, 127.0.0.1:6379).
+"""Fixtures: real PostgreSQL and Redis (CI: 127.0.0.1:5432 `test`, 127.0.0.1:6379; on a
+machine with nothing listening there, the embedded servers `make up` uses, see
+tests/support.py).
 
 Every test run isolates itself: schemas and key prefixes carry a run id, and
 the run drops its schemas and deletes its keys when it ends.
@@ -17,7 +19,12 @@ from aiohttp.test_utils import TestClient, TestServer
 from services.servicekit.auth import issue_token
 from services.servicekit.config import ServiceSettings
 from services.servicekit.server import ServiceApp
-from tests.support import DATABASE_URL, JWT_SECRET, REDIS_URL, RUN_ID, unique_name
+from tests.support import DATABASE_URL, JWT_SECRET, REDIS_URL, RUN_ID, stop_embedded, unique_name
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Stop the embedded PostgreSQL / Redis a run started when the machine had none."""
+    stop_embedded()
 
 
 @pytest.fixture(scope="session")

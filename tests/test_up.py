@@ -61,6 +61,9 @@ def stop_up(proc: subprocess.Popen[str], lines: list[str]) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 @pytest.fixture
