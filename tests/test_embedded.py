@@ -82,7 +82,9 @@ async def test_nothing_listening_starts_the_embedded_servers(
     owned.clear()
 
     # A second run finds the data of the first (no second initdb, the snapshot reloaded).
-    assert resolve_database_url(None, f"postgresql://postgres@127.0.0.1:{port}/test", folder, owned) == database
+    assert (
+        resolve_database_url(None, f"postgresql://postgres@127.0.0.1:{port}/test", folder, owned) == database
+    )
     cache_again = resolve_redis_url(None, f"redis://127.0.0.1:{port}/0", folder, owned)
     conn = await asyncpg.connect(database)
     try:
