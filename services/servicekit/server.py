@@ -68,6 +68,7 @@ class ServiceApp:
         self._server: grpc.aio.Server | None = None
         self._metrics_server: Any = None
         self._stopping = asyncio.Event()
+        self._db_watch: asyncio.Future[None] | None = None
         self.timing_sink: TimingSink | None = None
         # This service's own `service` token, for calling the others' internal RPCs.
         self.service_tokens = ServiceTokens(settings.auth_jwt_secret, name)
@@ -194,7 +195,7 @@ class ServiceApp:
         await self._set_ready(True)
         self._metrics_server, _ = start_http_server(s.metrics_port, addr=s.grpc_host)
         self.metrics_port = self._metrics_server.server_port
-        self.run_in_background(self._watch_database(), "watch-database")
+        self._db_watch = asyncio.ensure_future(self._watch_database())
         log.info(
             "serving",
             extra={
@@ -226,8 +227,13 @@ class ServiceApp:
         conn: asyncpg.Connection | None = None
         failures = 0
         try:
-            while True:
-                await asyncio.sleep(interval)
+            # Ends at shutdown between checks (never cancelled inside a query, which would
+            # leave asyncpg's cancel request running past the end of the loop).
+            while not self._stopping.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), interval)
+                if self._stopping.is_set():
+                    break
                 try:
                     if conn is None or conn.is_closed():
                         conn = await asyncpg.connect(self.settings.database_url, timeout=interval)
@@ -282,6 +288,8 @@ class ServiceApp:
         await self.health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(self.settings.shutdown_grace_seconds)
+        if self._db_watch is not None:
+            await self._db_watch
         for task in self._background:
             task.cancel()
         for task in self._background:
