@@ -108,11 +108,18 @@ async def make_edge() -> AsyncIterator[EdgeFactory]:
     """`client = await make_edge(backends={...}, **settings)`: the REST edge on a test server."""
     from gateway.app import create_app
     from gateway.config import Settings
+    from gateway.serving import EdgeRunner
+
+    class EdgeTestServer(TestServer):
+        """Served by the edge's own runner, as `python -m gateway` serves it."""
+
+        async def _make_runner(self, **kwargs: Any) -> EdgeRunner:
+            return EdgeRunner(self.app, **kwargs)
 
     clients: list[TestClient[Any, Any]] = []
 
     async def make(**overrides: Any) -> TestClient[Any, Any]:
-        client: TestClient[Any, Any] = TestClient(TestServer(create_app(Settings(**overrides))))
+        client: TestClient[Any, Any] = TestClient(EdgeTestServer(create_app(Settings(**overrides))))
         await client.start_server()
         clients.append(client)
         return client
