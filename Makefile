@@ -45,6 +45,11 @@ lint: build/.generated
 	$(PY) tools/check_lock.py
 	$(VENV)/bin/mypy
 
+# A signed token for any user and role: `make token SUB=alice ROLE=user [TTL=seconds]`
+# (with AUTH_JWT_SECRET, or the development secret `make up` uses).
+token: $(VENV)/.installed
+	@$(PY) tools/mint_token.py --sub "$(SUB)" --role "$(or $(ROLE),user)" $(if $(TTL),--ttl $(TTL))
+
 # After adding or changing a dependency in pyproject.toml (always an exact `==` pin).
 lock: $(VENV)/.installed
 	$(VENV)/bin/uv pip compile pyproject.toml --extra dev --extra local --universal \

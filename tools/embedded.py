@@ -192,7 +192,12 @@ class Postgres:
         return Command(argv, user)
 
     def ready(self) -> bool:
-        return unix_socket_ready(self.socket)
+        """Accepting connections: postmaster.pid says "ready" (not still starting up)."""
+        try:
+            lines = (self.data / "postmaster.pid").read_text().splitlines()
+        except OSError:
+            return False
+        return len(lines) >= 8 and lines[7].strip() == "ready" and unix_socket_ready(self.socket)
 
 
 class Redis:
