@@ -301,9 +301,12 @@ class Suite:
             self.env["DATABASE_URL"] = await self._embedded_postgres()
         if not self.env.get("REDIS_URL"):
             self.env["REDIS_URL"] = await self._embedded_redis()
-        monitoring = next(p for p in suite if p.name == "monitoring")
+        grpc_ports = {p.name: p.env["GRPC_PORT"] for p in suite if "GRPC_PORT" in p.env}
         self.env["MONITORING_ADDR"] = (
-            self.env.get("MONITORING_ADDR") or f"127.0.0.1:{monitoring.env['GRPC_PORT']}"
+            self.env.get("MONITORING_ADDR") or f"127.0.0.1:{grpc_ports['monitoring']}"
+        )
+        self.env["MONITORING_HEALTH_TARGETS"] = self.env.get("MONITORING_HEALTH_TARGETS") or ",".join(
+            f"{name}=127.0.0.1:{grpc_ports[name]}" for name in ("analytics", "effects")
         )
         for program in suite:
             child = Child(program)
