@@ -30,6 +30,7 @@ class SimConfig:
     default_coins: int = 1_000_000
     open_keys: bool = True  # any well-formed key is accepted and registered on first use
     max_upload_bytes: int = 30 * 1024 * 1024
+    task_not_found_code: int = 807  # some copies of the documentation say 423
     hang_seconds: float = 600.0  # how long an injected timeout holds the connection
     seed: int = 0
 
@@ -62,6 +63,8 @@ class SimConfig:
                     raise ValueError(f"{raw_key} must be an integer")
                 if value < 0:
                     raise ValueError(f"{raw_key} must not be negative")
+                if key == "task_not_found_code" and value not in (807, 423):
+                    raise ValueError(f"{raw_key} must be 807 or 423")
             else:
                 if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
                     raise ValueError(f"{raw_key} must be a finite number")

@@ -188,7 +188,7 @@ class Simulator:
             task_id = str(task_id)
         task = self.tasks.get(task_id) if isinstance(task_id, str) else None
         if task is None or task.key != key:
-            raise Reply(codes.APIKEY_TASK_NOT_FOUND)
+            raise Reply(self.config.task_not_found_code)
         return task
 
     def create(self, account: Account, kind: str, body: dict[str, Any], files_base: str) -> dict[str, Any]:
