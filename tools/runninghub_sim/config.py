@@ -24,6 +24,8 @@ class SimConfig:
     webhook_retry_delay_seconds: float = 2.0  # doubled after each failed attempt
     webhook_timeout_seconds: float = 5.0
     webhook_duplicate_rate: float = 0.0  # share of deliveries sent twice
+    webhook_drop_rate: float = 0.0  # share of TASK_END events never sent (the task ends silently)
+    webhook_delay_seconds: float = 0.0  # before the first attempt
     webhook_on_validation_failure: bool = False  # a task refused by validation never ran: no TASK_END
     allow_external_webhooks: bool = False  # only loopback webhook URLs unless set
     default_concurrency: int = 50  # keys registered on first use (enterprise-like)

@@ -117,7 +117,13 @@ class Simulator:
             "tasksCreated": sum(self.creates_by_key.values()),
             "webhooks": {
                 k: self.events[k]
-                for k in ("webhook_attempts", "webhooks_delivered", "webhooks_failed", "webhooks_refused")
+                for k in (
+                    "webhook_attempts",
+                    "webhooks_delivered",
+                    "webhooks_failed",
+                    "webhooks_refused",
+                    "webhooks_dropped",
+                )
             },
             "events": dict(self.events),
         }
@@ -372,6 +378,10 @@ class Simulator:
 
     def send_webhook(self, task: Task) -> None:
         if not task.webhook_url:
+            return
+        if self.rand.random() < self.config.webhook_drop_rate:
+            self.count("webhooks_dropped")
+            log.info("webhook dropped", extra={"task_id": task.task_id})
             return
         copies = 2 if self.rand.random() < self.config.webhook_duplicate_rate else 1
         self.webhooks.send(task.task_id, task.webhook_url, self.event_data(task), copies)
