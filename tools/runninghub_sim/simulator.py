@@ -18,7 +18,7 @@ from tools.runninghub_sim import codes
 from tools.runninghub_sim.codes import Reply, dumps
 from tools.runninghub_sim.config import SimConfig
 from tools.runninghub_sim.faults import Faults
-from tools.runninghub_sim.fixtures import WEBAPPS, Webapp, webapps_for
+from tools.runninghub_sim.fixtures import NEVER_RUN_WORKFLOWS, WORKFLOWS, Webapp, webapps_for
 from tools.runninghub_sim.tasks import (
     FAILED,
     QUEUED,
@@ -36,37 +36,6 @@ from tools.runninghub_sim.webhooks import Webhooks
 log = logging.getLogger("runninghub_sim")
 
 _KEY = re.compile(r"^[A-Za-z0-9_\-]{8,128}$")
-
-# ComfyUI workflows (for /task/openapi/create), shaped like webapps.
-WORKFLOWS: dict[str, Webapp] = {
-    "1904136902449209346": Webapp(
-        "1904136902449209346",
-        "text-to-image workflow",
-        ("cn", "global"),
-        (
-            {
-                "nodeId": "6",
-                "nodeName": "CLIPTextEncode",
-                "fieldName": "text",
-                "fieldType": "STRING",
-                "fieldData": "",
-            },
-            {"nodeId": "3", "nodeName": "KSampler", "fieldName": "seed", "fieldType": "INT", "fieldData": ""},
-            {
-                "nodeId": "3",
-                "nodeName": "KSampler",
-                "fieldName": "steps",
-                "fieldType": "INT",
-                "fieldData": "",
-            },
-        ),
-        (("9", "png"),),
-        coins=6,
-    ),
-    # Saved but never run on the website: creates answer 810.
-    "1990000000000000810": Webapp("1990000000000000810", "never run workflow", ("cn", "global"), (), ()),
-}
-NEVER_RUN_WORKFLOWS = {"1990000000000000810"}
 
 
 class Simulator:
@@ -405,7 +374,3 @@ class Simulator:
             with contextlib.suppress(BaseException):
                 await watcher
         await self.webhooks.close()
-
-
-def all_webapp_ids() -> list[str]:
-    return sorted(WEBAPPS)
