@@ -14,10 +14,8 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -135,12 +133,11 @@ async def run() -> int:
             f"{name}=127.0.0.1:{ports[name][0]}" for name in ("analytics", "effects")
         )
 
-        async def spawn(name: str, module: str, extra: dict[str, str], args: Sequence[str] = ()) -> None:
+        async def spawn(name: str, module: str, extra: dict[str, str]) -> None:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
                 module,
-                *args,
                 cwd=ROOT,
                 env={**env, **extra},
                 stdout=asyncio.subprocess.PIPE,
@@ -151,7 +148,6 @@ async def run() -> int:
             assert proc.stdout is not None
             pumps.append(asyncio.create_task(pump(name, proc.stdout)))
 
-        sim_urls = await start_simulator(env, spawn)
         for name in ("monitoring", "effects", "analytics"):
             grpc_port, metrics_port = ports[name]
             await spawn(
@@ -181,10 +177,6 @@ async def run() -> int:
             )
         say(f"admin token      {issue_token(secret, 'dev-admin', 'admin', week)}")
         say(f"user token       {issue_token(secret, 'dev-user', 'user', week)}")
-        if sim_urls:
-            say(
-                f"RunningHub sim   cn {sim_urls[0]}   global {sim_urls[1]}   (no RunningHub key set; /__sim/ steers it)"
-            )
         say("Ctrl-C stops everything")
         await asyncio.wait([asyncio.create_task(stop.wait()), *exited], return_when=asyncio.FIRST_COMPLETED)
         if not stop.is_set():
@@ -200,51 +192,9 @@ async def run() -> int:
         say("stopped")
 
 
-async def start_simulator(
-    env: dict[str, str], spawn: Callable[..., Awaitable[None]]
-) -> tuple[str, str] | None:
-    """With no RunningHub key set, run the RunningHub simulator and point effects at it."""
-    if env.get("RUNNINGHUB_CN_API_KEY") or env.get("RUNNINGHUB_GLOBAL_API_KEY"):
-        return None
-    from tools.runninghub_sim.fixtures import DEV_KEYS
-
-    cn, glob = (
-        port(var, 1) if os.environ.get(var) else free_port()
-        for var in ("RUNNINGHUB_SIM_PORT", "RUNNINGHUB_SIM_GLOBAL_PORT")
-    )
-    await spawn("runninghub", "tools.runninghub_sim", {}, ["--port", str(cn), "--global-port", str(glob)])
-    for sim_port in (cn, glob):  # listening before effects starts
-        await wait_listening(sim_port)
-    urls = (f"http://127.0.0.1:{cn}", f"http://127.0.0.1:{glob}")
-    env.update(
-        RUNNINGHUB_CN_URL=urls[0],
-        RUNNINGHUB_GLOBAL_URL=urls[1],
-        RUNNINGHUB_CN_API_KEY=DEV_KEYS["cn"],
-        RUNNINGHUB_GLOBAL_API_KEY=DEV_KEYS["global"],
-    )
-    env.setdefault("EFFECTS_PUBLIC_BASE_URL", f"http://127.0.0.1:{port('EDGE_PORT', 8080)}")
-    return urls
-
-
-async def wait_listening(port_number: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError):
-            _, writer = await asyncio.open_connection("127.0.0.1", port_number)
-            writer.close()
-            return
-        await asyncio.sleep(0.1)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 async def shutdown(procs: dict[str, asyncio.subprocess.Process]) -> None:
     """Services first (they drain in-flight work and flush), then the edge."""
-    order = [n for n in ("analytics", "effects", "monitoring", "edge", "runninghub") if n in procs]
+    order = [n for n in ("analytics", "effects", "monitoring", "edge") if n in procs]
     for name in order:
         if procs[name].returncode is None:
             with contextlib.suppress(ProcessLookupError):
