@@ -439,7 +439,8 @@ class ServiceApp:
         still wait inside gRPC to be taken; stopping now would drop them (CANCELLED).
         So: keep serving until no RPC has arrived for DRAIN_QUIET_SECONDS; then answer
         new RPCs UNAVAILABLE (clients re-send elsewhere) until those in flight are
-        done, each phase at most SHUTDOWN_DRAIN_SECONDS. What still arrives after that
+        done and none has arrived for DRAIN_QUIET_SECONDS, each phase at most
+        SHUTDOWN_DRAIN_SECONDS. What still arrives after that
         meets a stopped server."""
         started = time.monotonic()
         limit = self.settings.shutdown_drain_seconds
@@ -453,7 +454,10 @@ class ServiceApp:
         self._arrivals.refusing = True
         drained = time.monotonic()
         deadline = drained + limit
-        while self._in_flight() > 0 and time.monotonic() < deadline:  # noqa: ASYNC110 (a counter, no event)
+        # Until those in flight are done and every client that kept sending was told.
+        while time.monotonic() < deadline and (  # noqa: ASYNC110 (counters, no event)
+            self._in_flight() > 0 or time.monotonic() - self._arrivals.last < DRAIN_QUIET_SECONDS
+        ):
             await asyncio.sleep(0.01)
         log.info(
             "drained",
