@@ -246,7 +246,7 @@ class RunningHubClient:
         retrying = AsyncRetrying(
             retry=retry_if_exception(transient),
             stop=stop_after_attempt(max(1, self.options.retry_attempts)),
-            wait=wait_exponential_jitter(initial=0.1, max=self.options.retry_max_wait_seconds, jitter=0.2),
+            wait=wait_exponential_jitter(multiplier=0.1, max=self.options.retry_max_wait_seconds, jitter=0.2),
             reraise=True,
         )
         async for state in retrying:
