@@ -5,13 +5,12 @@ double the house allows. Webhooks travel sim -> edge -> effects, as in productio
 from __future__ import annotations
 
 import asyncio
+import json
 import struct
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
-
-import json
 
 import aiohttp
 import pytest
