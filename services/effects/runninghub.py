@@ -103,7 +103,7 @@ class RunningHubClient:
         self.__key = api_key
         self.options = options
         self.breaker = CircuitBreaker(
-            f"runninghub-{region}",
+            region,
             failures=options.breaker_failures,
             reset_seconds=options.breaker_reset_seconds,
             on_change=lambda state: CIRCUIT.labels(region).set(0 if state == "closed" else 1),

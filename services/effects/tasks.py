@@ -350,6 +350,7 @@ class Tasks:
             return  # replay or duplicate
         client = self._regions[region]
         state = None
+        adopted = row.rh_task_id is not None
         for delay in (0.0, 0.5, 1.0, 2.0, 4.0, 8.0):  # outputs may lag behind the callback
             await asyncio.sleep(delay)
             try:
@@ -359,15 +360,18 @@ class Tasks:
                     "webhook confirmation failed, retrying", extra={"task_id": row.task_id, "error": str(exc)}
                 )
                 continue
-            if state.status is None or state.status in envelope.FINAL_STATES:
-                break
-        if state is None or state.status is None:
-            if state is not None:
+            if state.status is None:
                 log.warning(
                     "webhook for a task RunningHub does not know; ignored", extra={"task_id": row.task_id}
                 )
-            return
-        if row.rh_task_id is None and not await self._store.adopt(tid, rh_task_id):
+                return
+            if not adopted:  # RunningHub knows the task: it is ours (the token said so)
+                if not await self._store.adopt(tid, rh_task_id):
+                    return
+                adopted = True
+            if state.status in envelope.FINAL_STATES:
+                break
+        if state is None or state.status is None:
             return
         updated, ended = await self._store.apply(tid, state)
         if ended:
