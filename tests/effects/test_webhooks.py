@@ -95,6 +95,7 @@ async def test_a_valid_token_with_a_forged_result_is_not_believed(effects_env: E
 async def test_malformed_callbacks_are_refused(effects_env: EnvFactory, body: bytes) -> None:
     env = await effects_env(SimConfig.fast(run_seconds=30))
     status, task = await env.start()
+    assert status == 200, task
     token = env.state.tokens.token("global", uuid.UUID(task["taskId"]))
     status, reply = await post_webhook(env, "global", token, body)
     assert status == 400, reply
@@ -124,6 +125,7 @@ async def test_a_replayed_callback_changes_nothing(effects_env: EnvFactory) -> N
 async def test_the_webhook_url_carries_an_hmac_never_the_key(effects_env: EnvFactory) -> None:
     env = await effects_env(SimConfig.fast(run_seconds=30))
     status, task = await env.start()
+    assert status == 200, task
     sim_task = next(iter(env.sim().tasks.values()))
     assert sim_task.webhook_url.startswith(env.edge + "/api/effects/webhooks/runninghub/global?token=")
     assert env.keys["global"] not in sim_task.webhook_url
