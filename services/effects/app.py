@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pydantic import Field, SecretStr
 
+from cosnap.analytics.v1 import analytics_pb2_grpc
 from cosnap.effects.v1 import effects_pb2, effects_pb2_grpc
 from services.servicekit.auth import Access
 from services.servicekit.config import ServiceSettings
@@ -18,6 +19,7 @@ from . import catalog as catalog_file
 from .catalog import Catalog
 from .health import UpstreamHealth
 from .ratelimit import RateLimiter
+from .reporting import TaskEndReporter
 from .runninghub import ClientOptions, Regions, RunningHubClient
 from .servicer import EffectsServicer
 from .tasks import TASK_CACHE_OPTIONS, Tasks, TaskTimings
@@ -96,6 +98,10 @@ class EffectsSettings(ServiceSettings):
         7 * 86_400.0, gt=0, description="Cached copy served this long."
     )
     effects_upload_max_bytes: int = Field(30 * 1024 * 1024, ge=1, le=30 * 1024 * 1024)
+    analytics_addr: str = Field("", description="host:port of analytics; empty: task ends are not reported.")
+    effects_report_buffer: int = Field(
+        10_000, ge=1, le=1_000_000, description="Task ends held for analytics."
+    )
 
 
 SETTINGS = EffectsSettings
@@ -111,6 +117,7 @@ class Effects:
     webhooks: WebhookReceiver
     tokens: WebhookTokens
     servicer: EffectsServicer
+    reporter: TaskEndReporter | None
 
 
 _STATE: weakref.WeakKeyDictionary[ServiceApp, Effects] = weakref.WeakKeyDictionary()
@@ -185,12 +192,22 @@ async def wire(app: ServiceApp) -> None:
     )
     webhooks = WebhookReceiver(tokens, tuple(regions.clients), tasks.confirm)
     app.run_in_background(tasks.sweep_forever(settings.effects_sweep_interval_seconds), "effects-sweeper")
+    reporter: TaskEndReporter | None = None
+    if settings.analytics_addr:
+        reporter = TaskEndReporter(
+            analytics_pb2_grpc.AnalyticsServiceStub(app.service_channel(settings.analytics_addr)),
+            max_buffer=settings.effects_report_buffer,
+        )
+        tasks.end_listeners.append(reporter.offer)
+        app.run_in_background(reporter.run_forever(), "effects-task-end-reporter")
 
     async def close() -> None:  # after the server stopped taking RPCs
         await webhooks.drain()
         await tasks.close()
         await catalog.close()
         await regions.close()
+        if reporter is not None:
+            await reporter.flush()
 
     app.on_shutdown(close)
     servicer = EffectsServicer(
@@ -201,4 +218,4 @@ async def wire(app: ServiceApp) -> None:
         UpstreamHealth(regions),
     )
     app.add_service(SERVICE, servicer, effects_pb2_grpc.add_EffectsServiceServicer_to_server, ACCESS)
-    _STATE[app] = Effects(regions, catalog, tasks, webhooks, tokens, servicer)
+    _STATE[app] = Effects(regions, catalog, tasks, webhooks, tokens, servicer, reporter)
