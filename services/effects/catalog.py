@@ -146,7 +146,7 @@ class Catalog:
                 return row
         raise not_found("no such effect")
 
-    async def list(self, request: effects_pb2.ListEffectsRequest) -> effects_pb2.ListEffectsResponse:
+    async def list_effects(self, request: effects_pb2.ListEffectsRequest) -> effects_pb2.ListEffectsResponse:
         violations = FieldViolations()
         if request.region not in ("", *REGIONS):
             violations.add("region", "must be cn or global")

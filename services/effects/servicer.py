@@ -39,7 +39,7 @@ class EffectsServicer(effects_pb2_grpc.EffectsServiceServicer):
     async def ListEffects(
         self, request: effects_pb2.ListEffectsRequest, context: grpc.aio.ServicerContext
     ) -> effects_pb2.ListEffectsResponse:
-        return await self._catalog.list(request)
+        return await self._catalog.list_effects(request)
 
     async def GetEffect(
         self, request: effects_pb2.GetEffectRequest, context: grpc.aio.ServicerContext

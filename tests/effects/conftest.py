@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import asyncpg
 import pytest
 
 from services.effects import app as effects_app
@@ -53,6 +54,11 @@ class Env:
         if token is None:
             token = self.users[f"{user}/{role}"] = issue_token(JWT_SECRET, user, role=role)
         return {"Authorization": f"Bearer {token}"}
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        assert self.app.pool is not None
+        return self.app.pool
 
     @property
     def state(self) -> effects_app.Effects:

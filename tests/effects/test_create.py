@@ -81,9 +81,7 @@ async def test_an_ambiguous_create_is_reconciled_through_the_webhook(
     done = await env.poll(task["taskId"])
     assert done["status"] == "SUCCEEDED" and done["outputs"], done
     assert env.creates() == 1 and env.calls("ai-app/run") == 1
-    rh_id = await env.app.pool.fetchval(
-        "SELECT rh_task_id FROM tasks WHERE task_id = $1::uuid", task["taskId"]
-    )  # type: ignore[union-attr]
+    rh_id = await env.pool.fetchval("SELECT rh_task_id FROM tasks WHERE task_id = $1::uuid", task["taskId"])
     assert rh_id in env.sim().tasks
 
 
@@ -112,7 +110,7 @@ async def test_concurrent_duplicates_make_one_task(effects_env: EnvFactory) -> N
     assert all(status == 200 for status, _ in replies), replies
     assert len({body["taskId"] for _, body in replies}) == 1
     assert env.creates() == 1 and env.calls("ai-app/run") == 1
-    count = await env.app.pool.fetchval("SELECT count(*) FROM tasks WHERE request_id = $1", request_id)  # type: ignore[union-attr]
+    count = await env.pool.fetchval("SELECT count(*) FROM tasks WHERE request_id = $1", request_id)
     assert count == 1
     # Another user's same requestId is another task.
     status, other = await env.start(request_id=request_id, user="bob")

@@ -56,9 +56,7 @@ async def test_upload_start_poll_outputs(effects_env: EnvFactory) -> None:
     assert env.creates() == 1
     sent = next(iter(env.sim().tasks.values()))
     assert sent.values == {"15:image": file_name, "42:scale_by": "4"}
-    coins = await env.app.pool.fetchval(
-        "SELECT cost_coins FROM tasks WHERE task_id = $1::uuid", done["taskId"]
-    )  # type: ignore[union-attr]
+    coins = await env.pool.fetchval("SELECT cost_coins FROM tasks WHERE task_id = $1::uuid", done["taskId"])
     assert coins == "12"
 
 
@@ -68,7 +66,7 @@ async def test_after_the_webhook_polls_need_no_upstream_call(effects_env: EnvFac
     assert status == 200, task
     # Wait for the TASK_END callback to be confirmed and stored, without polling.
     for _ in range(200):
-        row = await env.app.pool.fetchrow("SELECT status FROM tasks WHERE task_id = $1::uuid", task["taskId"])  # type: ignore[union-attr]
+        row = await env.pool.fetchrow("SELECT status FROM tasks WHERE task_id = $1::uuid", task["taskId"])
         if row["status"] == "SUCCEEDED":
             break
         await asyncio.sleep(0.05)

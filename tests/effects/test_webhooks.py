@@ -37,8 +37,7 @@ async def post_webhook(env: Env, region: str, token: str, body: bytes) -> tuple[
 
 
 async def row(env: Env, task_id: str) -> Any:
-    assert env.app.pool is not None
-    return await env.app.pool.fetchrow(
+    return await env.pool.fetchrow(
         "SELECT status, outputs, rh_task_id FROM tasks WHERE task_id = $1::uuid", task_id
     )
 
