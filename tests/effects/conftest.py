@@ -47,6 +47,7 @@ class Env:
     http: aiohttp.ClientSession
     sims: dict[str, RunningSim]
     keys: dict[str, str]
+    settings: dict[str, Any] = field(default_factory=dict)
     users: dict[str, str] = field(default_factory=dict)
 
     def auth(self, user: str = "alice", role: str = "user") -> dict[str, str]:
@@ -164,7 +165,7 @@ async def effects_env(start_service: Any, start_edge: Any) -> AsyncIterator[EnvF
             effects_app.state(app).tokens.base = edge
         http = aiohttp.ClientSession()
         sessions.append(http)
-        return Env(app, edge, http, running, keys)
+        return Env(app, edge, http, running, keys, values)
 
     yield make
     for session in sessions:
