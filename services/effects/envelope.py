@@ -115,7 +115,7 @@ class Created:
 def parse(raw: bytes | str) -> Envelope:
     try:
         body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: hostile nesting
         raise EnvelopeError("reply is not JSON") from exc
     return from_object(body)
 
@@ -157,7 +157,7 @@ def _json_maybe(value: Any) -> Any:
     if isinstance(value, str):
         try:
             return json.loads(value)
-        except ValueError:
+        except (ValueError, RecursionError):
             return value
     return value
 
@@ -270,7 +270,7 @@ def webhook_event(body: bytes) -> tuple[str, Envelope]:
     """
     try:
         outer = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:
         raise EnvelopeError("webhook body is not JSON") from exc
     if not isinstance(outer, dict):
         raise EnvelopeError("webhook body is not a JSON object")
@@ -281,6 +281,6 @@ def webhook_event(body: bytes) -> tuple[str, Envelope]:
     if isinstance(event_data, str):
         try:
             event_data = json.loads(event_data)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise EnvelopeError("eventData is not JSON") from exc
     return tid, from_object(event_data)

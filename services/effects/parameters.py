@@ -78,7 +78,7 @@ def _options(field_data: Any) -> tuple[str, ...]:
             return ()
         try:
             data = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):
             return ()
     if isinstance(data, list) and data and isinstance(data[0], list):
         data = data[0]

@@ -19,7 +19,17 @@ def env(code: int, data: object = None, msg: str = "") -> envelope.Envelope:
 
 
 @pytest.mark.parametrize(
-    "raw", [b"", b"not json", b"[]", b'{"msg": "x"}', b'{"code": "abc"}', b'{"code": true}']
+    "raw",
+    [
+        b"",
+        b"not json",
+        b"[]",
+        b'{"msg": "x"}',
+        b'{"code": "abc"}',
+        b'{"code": true}',
+        b"[" * 200_000,
+        b"\xff\xfe",
+    ],
 )
 def test_what_is_not_an_envelope(raw: bytes) -> None:
     with pytest.raises(EnvelopeError):
@@ -103,6 +113,12 @@ def test_failed_reason_as_object_or_string() -> None:
     assert envelope.task_state(env(805, None)).failure == envelope.Failure(
         message="the task failed on RunningHub"
     )
+
+
+def test_hostile_webhook_bodies() -> None:
+    for body in (b"[" * 200_000, json.dumps({"taskId": "1", "eventData": "[" * 200_000}).encode()):
+        with pytest.raises(EnvelopeError):
+            envelope.webhook_event(body)
 
 
 def test_webhook_event_data_is_parsed_twice() -> None:
