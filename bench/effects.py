@@ -37,7 +37,7 @@ from tests.support import DATABASE_URL, JWT_SECRET, ROOT, free_port, service_env
 TASKS = 50
 POLLERS = 1000
 SECONDS = 30.0
-INTERVAL = 1.0
+INTERVAL = 2.0  # frontends poll every 2 to 5 s (RunningHub's own node: 2 s queued, 5 s running)
 USERS = 5
 KEY = "bench-global-key-000000000000"
 
