@@ -57,6 +57,7 @@ def test_every_public_path_is_annotated() -> None:
         "POST /api/analytics/funnel",
         "GET /api/analytics/funnel",
         "GET /api/analytics/dashboard/performance",
+        "POST /api/analytics/revenue",
         "POST /api/analytics/performance/alerts",
         "GET /api/analytics/performance/alerts",
         "POST /api/analytics/performance/alerts/{alert_id}:resolve",
