@@ -17,7 +17,7 @@ from services.servicekit.server import ServiceApp
 
 from . import catalog as catalog_file
 from .catalog import Catalog
-from .health import UpstreamHealth
+from .health import RunningHubHealthProbe
 from .ratelimit import RateLimiter
 from .reporting import TaskEndReporter
 from .runninghub import ClientOptions, Regions, RunningHubClient
@@ -40,7 +40,7 @@ ACCESS = {
     "GetTask": Access.USER,
     "CancelTask": Access.USER,
     "HandleRunningHubWebhook": Access.PUBLIC,  # authenticated by the token in its URL
-    "GetUpstreamHealth": Access.INTERNAL,
+    "GetRunningHubHealth": Access.INTERNAL,
 }
 URL = r"^https?://[^\s/?#]+(/[^\s?#]*)?$"
 
@@ -215,7 +215,7 @@ async def wire(app: ServiceApp) -> None:
         tasks,
         Uploads(regions, settings.effects_default_region, settings.effects_upload_max_bytes),
         webhooks,
-        UpstreamHealth(regions),
+        RunningHubHealthProbe(regions),
     )
     app.add_service(SERVICE, servicer, effects_pb2_grpc.add_EffectsServiceServicer_to_server, ACCESS)
     _STATE[app] = Effects(regions, catalog, tasks, webhooks, tokens, servicer, reporter)

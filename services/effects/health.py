@@ -13,15 +13,15 @@ from cosnap.effects.v1 import effects_pb2
 from .runninghub import BusinessError, Regions, RunningHubClient, UpstreamError
 
 
-class UpstreamHealth:
+class RunningHubHealthProbe:
     def __init__(self, regions: Regions, probe_interval: float = 10.0) -> None:
         self._regions = regions
         self._interval = probe_interval
-        self._last: dict[str, tuple[float, effects_pb2.UpstreamHealth]] = {}
+        self._last: dict[str, tuple[float, effects_pb2.RunningHubHealth]] = {}
         self._locks = {name: asyncio.Lock() for name in regions.clients}
 
-    async def _probe(self, name: str, client: RunningHubClient) -> effects_pb2.UpstreamHealth:
-        reply = effects_pb2.UpstreamHealth(name=f"runninghub-{name}", circuit=client.circuit)
+    async def _probe(self, name: str, client: RunningHubClient) -> effects_pb2.RunningHubHealth:
+        reply = effects_pb2.RunningHubHealth(region=name, circuit=client.circuit)
         if not client.configured:
             reply.status, reply.detail = "unhealthy", "no API key configured"
             return reply
@@ -40,7 +40,7 @@ class UpstreamHealth:
         reply.circuit = client.circuit
         return reply
 
-    async def region(self, name: str) -> effects_pb2.UpstreamHealth:
+    async def region(self, name: str) -> effects_pb2.RunningHubHealth:
         async with self._locks[name]:
             cached = self._last.get(name)
             if cached is not None and time.monotonic() - cached[0] < self._interval:
@@ -49,8 +49,8 @@ class UpstreamHealth:
             self._last[name] = (time.monotonic(), reply)
             return reply
 
-    async def check(self) -> effects_pb2.GetUpstreamHealthResponse:
+    async def check(self) -> effects_pb2.GetRunningHubHealthResponse:
         replies = await asyncio.gather(*(self.region(name) for name in self._regions.clients))
         now = timestamp_pb2.Timestamp()
         now.GetCurrentTime()
-        return effects_pb2.GetUpstreamHealthResponse(regions=replies, checked_at=now)
+        return effects_pb2.GetRunningHubHealthResponse(regions=replies, checked_at=now)

@@ -9,7 +9,7 @@ from services.servicekit.auth import Principal, current_principal
 from services.servicekit.errors import not_found
 
 from .catalog import Catalog
-from .health import UpstreamHealth
+from .health import RunningHubHealthProbe
 from .tasks import Tasks
 from .uploads import Uploads
 from .webhooks import WebhookReceiver
@@ -28,7 +28,7 @@ class EffectsServicer(effects_pb2_grpc.EffectsServiceServicer):
         tasks: Tasks,
         uploads: Uploads,
         webhooks: WebhookReceiver,
-        health: UpstreamHealth,
+        health: RunningHubHealthProbe,
     ) -> None:
         self._catalog = catalog
         self._tasks = tasks
@@ -75,7 +75,7 @@ class EffectsServicer(effects_pb2_grpc.EffectsServiceServicer):
         await self._webhooks.receive(request.region, request.token, request.payload)
         return effects_pb2.HandleRunningHubWebhookResponse()
 
-    async def GetUpstreamHealth(
-        self, request: effects_pb2.GetUpstreamHealthRequest, context: grpc.aio.ServicerContext
-    ) -> effects_pb2.GetUpstreamHealthResponse:
+    async def GetRunningHubHealth(
+        self, request: effects_pb2.GetRunningHubHealthRequest, context: grpc.aio.ServicerContext
+    ) -> effects_pb2.GetRunningHubHealthResponse:
         return await self._health.check()

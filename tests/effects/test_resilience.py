@@ -75,14 +75,14 @@ async def test_refreshed_ahead_when_runninghub_is_up(effects_env: EnvFactory) ->
     assert calls(env, "apiCallDemo") == 2
 
 
-async def upstream_health(env: Env) -> dict[str, effects_pb2.UpstreamHealth]:
+async def upstream_health(env: Env) -> dict[str, effects_pb2.RunningHubHealth]:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{env.app.port}") as channel:
         stub = effects_pb2_grpc.EffectsServiceStub(channel)
         token = issue_token(JWT_SECRET, "monitoring", role="service")
-        reply = await stub.GetUpstreamHealth(
-            effects_pb2.GetUpstreamHealthRequest(), metadata=[("authorization", f"Bearer {token}")]
+        reply = await stub.GetRunningHubHealth(
+            effects_pb2.GetRunningHubHealthRequest(), metadata=[("authorization", f"Bearer {token}")]
         )
-    return {r.name: r for r in reply.regions}
+    return {f"runninghub-{r.region}": r for r in reply.regions}
 
 
 async def test_the_circuit_opens_fails_fast_and_recovers(effects_env: EnvFactory) -> None:
@@ -130,8 +130,8 @@ async def test_upstream_health_is_internal(effects_env: EnvFactory) -> None:
         stub = effects_pb2_grpc.EffectsServiceStub(channel)
         token = issue_token(JWT_SECRET, "root", role="admin")
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            await stub.GetUpstreamHealth(
-                effects_pb2.GetUpstreamHealthRequest(), metadata=[("authorization", f"Bearer {token}")]
+            await stub.GetRunningHubHealth(
+                effects_pb2.GetRunningHubHealthRequest(), metadata=[("authorization", f"Bearer {token}")]
             )
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
