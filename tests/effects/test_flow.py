@@ -146,3 +146,24 @@ async def test_upload_type_comes_from_the_bytes_and_size_is_bounded(effects_env:
         "POST", "/api/effects/uploads", user=None, data=png_bytes(), headers={"Content-Type": "image/png"}
     )
     assert status == 401
+
+
+async def test_cancel_of_a_task_runninghub_no_longer_knows(effects_env: EnvFactory) -> None:
+    """807 on cancel: RunningHub forgot the task; it is cancelled here all the same."""
+    env = await effects_env(SimConfig.fast(run_seconds=30))
+    status, task = await env.start()
+    assert status == 200, task
+    env.sim().tasks.clear()  # RunningHub forgot it (its results expire after about a day)
+    status, body = await env.request("POST", f"/api/effects/tasks/{task['taskId']}:cancel", json={})
+    assert status == 200 and body["status"] == "CANCELLED", body
+    assert env.sim().counters()["replies"].get("cancel:807") == 1
+
+
+async def test_cancel_of_an_ended_task_is_refused(effects_env: EnvFactory) -> None:
+    env = await effects_env()
+    status, task = await env.start()
+    assert status == 200, task
+    assert (await env.poll(task["taskId"]))["status"] == "SUCCEEDED"
+    status, body = await env.request("POST", f"/api/effects/tasks/{task['taskId']}:cancel", json={})
+    assert status == 400 and "already ended" in body["message"], body
+    assert env.calls("cancel") == 0
