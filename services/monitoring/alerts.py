@@ -211,6 +211,7 @@ class AlertBook:
                     len(members),
                     now,
                 )
+                assert row is not None  # INSERT ... ON CONFLICT DO UPDATE returns its row
                 await conn.execute(
                     "UPDATE client_alert_keys SET group_id = $1 WHERE alert_id = ANY($2::text[])",
                     row["alert_id"],
@@ -297,6 +298,7 @@ class AlertBook:
                 now,
                 request.note,
             )
+            assert row is not None  # locked above
             if row["source"] != "client":
                 # The rule starts over: if its condition still holds it goes pending again.
                 await conn.execute("DELETE FROM rule_states WHERE alert_id = $1", row["alert_id"])

@@ -47,6 +47,7 @@ from services.servicekit.clock import Clock
 from . import summary
 from .notify import Receiver, enqueue, fingerprint
 from .rules import Rule
+from .summary import Connection
 
 SEVERITY_RANK: Final = {"critical": 0, "error": 1, "warning": 2}
 METRIC: Final = {
@@ -106,7 +107,7 @@ def rule_key(rule: Rule) -> str:
 
 
 async def rule_values(
-    conn: asyncpg.Connection, rules: list[Rule], now: datetime
+    conn: Connection, rules: list[Rule], now: datetime
 ) -> dict[str, dict[tuple[str, str], float]]:
     """Per rule key, the value of every judged label set (as a pair of label values)."""
     until = now + _EPSILON
@@ -161,7 +162,7 @@ class Evaluator:
         self._external_url = external_url
         self._on_notifications = on_notifications
 
-    async def evaluate(self, conn: asyncpg.Connection) -> Pass:
+    async def evaluate(self, conn: Connection) -> Pass:
         """One pass on `conn` (the leader's connection: if it lost the lock, the pass fails)."""
         now = self.clock.now()
         result = Pass(now)
@@ -182,19 +183,19 @@ class Evaluator:
                     labels.update(zip(rule.label_names, label_values, strict=True))
                     fp = fingerprint(labels)
                     seen.add(fp)
-                    st = states.get(fp)
-                    if st is None:
+                    found = states.get(fp)
+                    if found is None:
                         if not rule.crosses(value):
                             continue
-                        st = states[fp] = AlertState(
+                        found = states[fp] = AlertState(
                             fp, rule_key(rule), rule.name, rule.severity, labels, "pending", now
                         )
                         result.transitions.append(
                             Transition(rule.name, rule.severity, labels, "pending", value)
                         )
-                    st.value, st.changed = value, True
-                    active = rule.still(value) if st.state == "firing" else rule.crosses(value)
-                    await self._step(conn, rule, st, active, now, firing_groups, states, result)
+                    found.value, found.changed = value, True
+                    active = rule.still(value) if found.state == "firing" else rule.crosses(value)
+                    await self._step(conn, rule, found, active, now, firing_groups, states, result)
                 for st in [
                     s for s in states.values() if s.rule == rule_key(rule) and s.fingerprint not in seen
                 ]:
@@ -208,7 +209,7 @@ class Evaluator:
 
     async def _step(
         self,
-        conn: asyncpg.Connection,
+        conn: Connection,
         rule: Rule,
         st: AlertState,
         active: bool,
@@ -254,9 +255,7 @@ class Evaluator:
         else:
             await self._open(conn, rule, st, now, result)
 
-    async def _open(
-        self, conn: asyncpg.Connection, rule: Rule, st: AlertState, now: datetime, result: Pass
-    ) -> None:
+    async def _open(self, conn: Connection, rule: Rule, st: AlertState, now: datetime, result: Pass) -> None:
         assert st.firing_since is not None
         st.alert_id = f"rule-{st.fingerprint}-{int(st.firing_since.timestamp() * 1000)}"
         st.notified = True
@@ -293,7 +292,7 @@ class Evaluator:
         if not any(t.to == "firing" and t.labels == st.labels for t in result.transitions):
             result.transitions.append(Transition(st.alertname, st.severity, st.labels, "firing", st.value))
 
-    async def _resolve(self, conn: asyncpg.Connection, st: AlertState, now: datetime, result: Pass) -> None:
+    async def _resolve(self, conn: Connection, st: AlertState, now: datetime, result: Pass) -> None:
         result.transitions.append(Transition(st.alertname, st.severity, st.labels, "resolved", st.value))
         if not st.notified:
             return
@@ -347,7 +346,7 @@ def _state(row: asyncpg.Record) -> AlertState:
     )
 
 
-async def _save(conn: asyncpg.Connection, st: AlertState) -> None:
+async def _save(conn: Connection, st: AlertState) -> None:
     await conn.execute(
         """
         INSERT INTO rule_states (fingerprint, rule, alertname, severity, labels, state, active_since,
@@ -372,7 +371,7 @@ async def _save(conn: asyncpg.Connection, st: AlertState) -> None:
     )
 
 
-async def _forget(conn: asyncpg.Connection, st: AlertState, states: dict[str, AlertState]) -> None:
+async def _forget(conn: Connection, st: AlertState, states: dict[str, AlertState]) -> None:
     await conn.execute("DELETE FROM rule_states WHERE fingerprint = $1", st.fingerprint)
     st.changed = False
     states.pop(st.fingerprint, None)

@@ -23,6 +23,7 @@ unreachable, ...): never an address, a secret or an exception's text.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -34,8 +35,9 @@ import asyncpg
 import grpc
 import redis.asyncio as aioredis
 from google.protobuf import message_factory
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
+from cosnap.effects.v1 import effects_pb2
 from cosnap.monitoring.v1 import monitoring_pb2
 from services.servicekit.clock import Clock
 
@@ -43,10 +45,11 @@ log = logging.getLogger(__name__)
 
 HEALTHY, DEGRADED, UNHEALTHY = "healthy", "degraded", "unhealthy"
 EFFECTS_SERVICE: Final = "cosnap.effects.v1.EffectsService"
-# The effects RPC that reports RunningHub per region; used when the effects
-# contract has it: a reply with a repeated message field whose items carry
-# `region` and `status` (healthy, degraded, unhealthy) and optionally `latency_ms`.
-RUNNINGHUB_METHOD: Final = "GetRunningHubHealth"
+# The effects RPC that reports RunningHub per region (internal, a service token):
+# looked up in the descriptor pool, so monitoring runs with or without it; its reply
+# has a repeated message field whose items carry `name` ("runninghub-cn") or
+# `region`, `status` (healthy, degraded, unhealthy), `latency_ms` and `detail`.
+RUNNINGHUB_METHOD: Final = "GetUpstreamHealth"
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,7 @@ def overall(checks: list[Check], critical: set[str]) -> str:
 
 
 async def _timed(
-    name: str, probe: Callable[[], Awaitable[Check | None]], timeout: float, bad: str
+    name: str, probe: Callable[[], Awaitable[Check | list[Check] | None]], timeout: float, bad: str
 ) -> Check | list[Check] | None:
     started = time.perf_counter()
     try:
@@ -140,7 +143,7 @@ class SystemHealth:
         ]
         for name, address in self._targets.items():
             probes.append(
-                _timed(name, lambda n=name, a=address: self._service(n, a), self._timeout, UNHEALTHY)
+                _timed(name, functools.partial(self._service, name, address), self._timeout, UNHEALTHY)
             )
         if "effects" in self._targets:
             probes.append(_timed("runninghub", self._runninghub, self._timeout, DEGRADED))
@@ -186,9 +189,13 @@ class SystemHealth:
 
     async def _service(self, name: str, address: str) -> Check:
         started = time.perf_counter()
-        stub = health_pb2_grpc.HealthStub(self._channel(address))
+        check = self._channel(address).unary_unary(
+            "/grpc.health.v1.Health/Check",
+            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+            response_deserializer=health_pb2.HealthCheckResponse.FromString,
+        )
         try:
-            reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=self._timeout)
+            reply = await check(health_pb2.HealthCheckRequest(service=""), timeout=self._timeout)
         except grpc.aio.AioRpcError as exc:
             detail = "timeout" if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED else "unreachable"
             return Check(name, UNHEALTHY, (time.perf_counter() - started) * 1000, detail)
@@ -200,18 +207,15 @@ class SystemHealth:
 
     async def _runninghub(self) -> list[Check] | None:
         """RunningHub per region from effects; nothing while effects has no such RPC."""
-        from google.protobuf import descriptor_pool
-
-        try:
-            service = descriptor_pool.Default().FindServiceByName(EFFECTS_SERVICE)
-        except KeyError:
-            return None
+        service = effects_pb2.DESCRIPTOR.services_by_name["EffectsService"]
         method = service.methods_by_name.get(RUNNINGHUB_METHOD)
         if method is None:
             return None
         request_cls = message_factory.GetMessageClass(method.input_type)
         reply_cls = message_factory.GetMessageClass(method.output_type)
-        call = self._channel(self._targets["effects"]).unary_unary(
+        call: grpc.aio.UnaryUnaryMultiCallable[Any, Any] = self._channel(
+            self._targets["effects"]
+        ).unary_unary(
             f"/{EFFECTS_SERVICE}/{RUNNINGHUB_METHOD}",
             request_serializer=lambda m: m.SerializeToString(),
             response_deserializer=reply_cls.FromString,
@@ -230,19 +234,16 @@ class SystemHealth:
             if fd.message_type is None or fd.label != fd.LABEL_REPEATED:
                 continue
             for item in getattr(reply, fd.name):
-                region = str(getattr(item, "region", ""))[:32]
+                name = str(getattr(item, "name", "") or "")
+                if not name.startswith("runninghub-"):
+                    name = f"runninghub-{getattr(item, 'region', '')}"
+                if not name.replace("-", "").isalnum() or len(name) > 40:
+                    continue
                 status = str(getattr(item, "status", "")).lower()
+                known = status in (HEALTHY, DEGRADED, UNHEALTHY)
+                detail = str(getattr(item, "detail", "") or status)[:100] if known else "unknown"
                 latency = float(getattr(item, "latency_ms", 0.0) or 0.0)
-                if region.replace("-", "").isalnum():
-                    known = status in (HEALTHY, DEGRADED, UNHEALTHY)
-                    out.append(
-                        Check(
-                            f"runninghub-{region}",
-                            status if known else DEGRADED,
-                            latency,
-                            status if known else "unknown",
-                        )
-                    )
+                out.append(Check(name, status if known else DEGRADED, latency, detail))
         return out
 
     async def close(self) -> None:

@@ -30,6 +30,8 @@ import asyncpg
 from prometheus_client import Counter
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
+from .summary import Connection
+
 log = logging.getLogger(__name__)
 
 ZERO_TIME: Final = "0001-01-01T00:00:00Z"
@@ -111,7 +113,7 @@ def webhook_body(
 
 
 async def enqueue(
-    conn: asyncpg.Connection,
+    conn: Connection,
     receivers: list[Receiver],
     external_url: str,
     status: str,
@@ -204,12 +206,14 @@ class Sender:
         for i, row in enumerate(rows):
             if await self._deliver(session, row):
                 continue
-            # Keep the order: release the rest of this receiver's batch for later rounds.
-            later = [r["id"] for r in rows[i:]]
+            # Keep the order: release the rest of this receiver's batch for later rounds
+            # (the rows behind the failed one were not tried: their claim does not count).
             await self._pool.execute(
-                "UPDATE notifications SET claimed_until = now() + make_interval(secs => $2) WHERE id = ANY($1)",
-                later,
+                "UPDATE notifications SET claimed_until = now() + make_interval(secs => $2),"
+                " attempts = attempts - (id <> $3)::int WHERE id = ANY($1)",
+                [r["id"] for r in rows[i:]],
                 min(300.0, self._backoff * 2 ** min(row["attempts"], 10)),
+                row["id"],
             )
             if row["attempts"] >= self._max_rounds:
                 await self._pool.execute(
