@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
 
 from services.servicekit.auth import issue_token
+from services.servicekit.clock import Clock
 from services.servicekit.config import ServiceSettings
 from services.servicekit.server import ServiceApp
 from tests.support import DATABASE_URL, JWT_SECRET, REDIS_URL, RUN_ID, unique_name
@@ -66,7 +67,7 @@ async def start_service(
     key prefix: `app = await start_service(module, **settings_overrides)`."""
     apps: list[ServiceApp] = []
 
-    async def start(module: Any, **overrides: Any) -> ServiceApp:
+    async def start(module: Any, clock: Clock | None = None, **overrides: Any) -> ServiceApp:
         name = unique_name(module.__name__.split(".")[-2])
         settings_cls: type[ServiceSettings] = module.SETTINGS
         values: dict[str, Any] = {
@@ -82,6 +83,8 @@ async def start_service(
         }
         settings = settings_cls(**{**values, **overrides})
         app = ServiceApp(module.NAME, settings, module.MIGRATIONS)
+        if clock is not None:
+            app.clock = clock  # the kit's caches and what the wiring builds run on it
         await app.connect()
         await module.wire(app)
         await app.start()

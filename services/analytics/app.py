@@ -111,7 +111,11 @@ async def wire(app: ServiceApp) -> None:
         monitoring = monitoring_pb2_grpc.MonitoringServiceStub(app.service_channel(settings.monitoring_addr))
 
     dashboard = Dashboard(
-        pool, await app.cache("dashboard", **RAW_BYTES), monitoring, settings.analytics_dashboard_ttl_seconds
+        pool,
+        await app.cache("dashboard", **RAW_BYTES),
+        monitoring,
+        settings.analytics_dashboard_ttl_seconds,
+        clock=app.clock,
     )
     funnels = FunnelReports(
         pool, await app.cache("funnel", **RAW_BYTES), settings.analytics_funnel_ttl_seconds

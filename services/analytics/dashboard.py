@@ -63,6 +63,7 @@ from services.analytics import sketch
 from services.analytics.vitals import FUNNEL_STEPS, STEP_NUMBER, WEB_VITALS, rate
 from services.analytics.windows import DEFAULT_DASHBOARD_WINDOW, Window, parse_window
 from services.servicekit.cache import MultiLevelCache, get_or_load_message
+from services.servicekit.clock import SYSTEM_CLOCK, Clock
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +160,7 @@ class Dashboard:
         monitoring: stub for ``GetServiceSummary``; None disables the monitoring sections.
         ttl_seconds: how long an answer is served from the cache.
         monitoring_timeout: deadline of the ``GetServiceSummary`` call, seconds.
+        clock: what "now" is (the app's clock; tests pin it with a ManualClock).
 
     ``computations`` counts the answers actually computed (cache misses).
     """
@@ -170,12 +172,14 @@ class Dashboard:
         monitoring: monitoring_pb2_grpc.MonitoringServiceStub | None,
         ttl_seconds: float,
         monitoring_timeout: float = 1.0,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._pool = pool
         self._cache = cache
         self._monitoring = monitoring
         self._ttl = ttl_seconds
         self._monitoring_timeout = monitoring_timeout
+        self._clock = clock
         self.computations = 0
 
     async def get(
@@ -193,7 +197,7 @@ class Dashboard:
     async def compute(self, window: Window) -> analytics_pb2.GetPerformanceDashboardResponse:
         """A fresh answer for `window`, bypassing the cache."""
         self.computations += 1
-        now = datetime.now(UTC)
+        now = self._clock.now()
         since = now - window.length
         since_hour = _floor(since, HOUR)
         size = TREND_BUCKETS[window.text]

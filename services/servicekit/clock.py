@@ -12,7 +12,7 @@ import asyncio
 import heapq
 import itertools
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 __all__ = ["SYSTEM_CLOCK", "Clock", "ManualClock", "SystemClock"]
@@ -67,9 +67,10 @@ class ManualClock:
     def __init__(self, start: float | datetime | None = None, monotonic: float = 0.0) -> None:
         if start is None:
             start = time.time()
-        elif isinstance(start, datetime):
-            start = start.timestamp()
-        self._offset = start - monotonic
+        # Kept as a datetime too, so now() is exact to the microsecond (no float round trip).
+        self._start = start if isinstance(start, datetime) else datetime.fromtimestamp(start, UTC)
+        self._start_monotonic = monotonic
+        self._offset = self._start.timestamp() - monotonic
         self._now = monotonic
         self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
         self._order = itertools.count()
@@ -81,7 +82,7 @@ class ManualClock:
         return self._now + self._offset
 
     def now(self) -> datetime:
-        return datetime.fromtimestamp(self.time(), UTC)
+        return (self._start + timedelta(seconds=self._now - self._start_monotonic)).astimezone(UTC)
 
     async def sleep(self, seconds: float) -> None:
         if seconds <= 0:

@@ -44,6 +44,22 @@ class ServiceSettings(BaseSettings):
     monitoring_addr: str = Field(
         "", description="host:port of the monitoring service; empty disables timing reports."
     )
+    monitoring_report_interval_seconds: float = Field(
+        1.0, gt=0, le=60, description="How often buffered RPC timings are sent to monitoring."
+    )
+    monitoring_stats_interval_seconds: float = Field(
+        5.0, gt=0, le=300, description="How often this instance's stats are sent to monitoring."
+    )
+    monitoring_buffer_size: int = Field(
+        10_000, ge=1, le=1_000_000, description="RPC timings held while monitoring is slow or down."
+    )
+    monitoring_batch_size: int = Field(500, ge=1, le=5000, description="RPC timings per report.")
+    monitoring_send_timeout_seconds: float = Field(2.0, gt=0, le=60, description="Deadline of one report.")
+    instance_name: str = Field(
+        "",
+        pattern=r"^[A-Za-z0-9_.:\-]{0,128}$",
+        description="This replica's name in reports; host:pid (the pod name) when empty.",
+    )
     migrate_on_start: bool = True
 
 

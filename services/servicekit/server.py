@@ -30,11 +30,15 @@ from prometheus_client import Gauge, start_http_server
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
+from cosnap.monitoring.v1 import monitoring_pb2_grpc
+
 from . import db
 from .auth import Access, ServiceTokens
 from .channels import service_channel
+from .clock import SYSTEM_CLOCK, Clock
 from .config import ServiceSettings
 from .interceptors import ServiceInterceptor, TimingSink
+from .reporter import MonitoringReporter, ReporterSettings, cache_counts, default_instance
 
 if TYPE_CHECKING:
     from .cache import MultiLevelCache
@@ -72,6 +76,12 @@ class ServiceApp:
         # This service's own `service` token, for calling the others' internal RPCs.
         self.service_tokens = ServiceTokens(settings.auth_jwt_secret, name)
         self._channels: dict[str, grpc.aio.Channel] = {}
+        # The clock of the kit's caches and of whatever the wiring builds (tests set a ManualClock).
+        self.clock: Clock = SYSTEM_CLOCK
+        self.instance = settings.instance_name or default_instance()
+        self._interceptor: ServiceInterceptor | None = None
+        # Ships RPC timings and instance stats to monitoring (None without MONITORING_ADDR).
+        self.reporter: MonitoringReporter | None = None
 
     # -- resources ---------------------------------------------------------
     async def connect(self) -> None:
@@ -102,6 +112,7 @@ class ServiceApp:
         from .cache import MultiLevelCache
 
         assert self.redis is not None, "connect() first"
+        options.setdefault("clock", self.clock)
         cache = MultiLevelCache(self.redis, prefix=self.redis_prefix, name=name, **options)
         await cache.start()
         self._caches.append(cache)
@@ -171,10 +182,8 @@ class ServiceApp:
             ("grpc.max_connection_age_grace_ms", int(s.shutdown_grace_seconds * 1000)),
             ("grpc.so_reuseport", 0),
         ]
-        self._server = grpc.aio.server(
-            interceptors=[ServiceInterceptor(self._access, s.auth_jwt_secret, self._timing)],
-            options=options,
-        )
+        self._interceptor = ServiceInterceptor(self._access, s.auth_jwt_secret, self._timing)
+        self._server = grpc.aio.server(interceptors=[self._interceptor], options=options)
         names = [
             reflection.SERVICE_NAME,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
@@ -193,6 +202,8 @@ class ServiceApp:
         self._metrics_server, _ = start_http_server(s.metrics_port, addr=s.grpc_host)
         self.metrics_port = self._metrics_server.server_port
         self.run_in_background(self._watch_database(), "watch-database")
+        self.run_in_background(self._watch_redis(), "watch-redis")
+        self._start_reporter()
         log.info(
             "serving",
             extra={
@@ -202,9 +213,50 @@ class ServiceApp:
             },
         )
 
+    @property
+    def in_flight(self) -> int:
+        """RPCs being answered now (streams included)."""
+        return self._interceptor.in_flight if self._interceptor is not None else 0
+
+    def _start_reporter(self) -> None:
+        s = self.settings
+        if not s.monitoring_addr:
+            return
+        self.reporter = MonitoringReporter(
+            monitoring_pb2_grpc.MonitoringServiceStub(self.service_channel(s.monitoring_addr)),
+            self.name,
+            self.instance,
+            in_flight=lambda: self.in_flight,
+            cache_counts=lambda: cache_counts(self._caches),
+            settings=ReporterSettings(
+                buffer_size=s.monitoring_buffer_size,
+                batch_size=s.monitoring_batch_size,
+                flush_interval=s.monitoring_report_interval_seconds,
+                stats_interval=s.monitoring_stats_interval_seconds,
+                send_timeout=s.monitoring_send_timeout_seconds,
+                close_timeout=min(2.0, s.shutdown_grace_seconds),
+            ),
+        )
+        self.reporter.start()
+
     def _timing(self, method: str, code: str, ms: float) -> None:
+        if self.reporter is not None:
+            self.reporter.record(method, code, ms)
         if self.timing_sink is not None:
             self.timing_sink(method, code, ms)
+
+    async def _watch_redis(self, interval: float = 2.0) -> None:
+        """`service_dependency_up{dependency="redis"}` follows a PING every `interval` s."""
+        while True:
+            try:
+                assert self.redis is not None
+                async with asyncio.timeout(interval):
+                    await self.redis.ping()
+                up = True
+            except Exception:  # any failure to answer counts
+                up = False
+            DEPENDENCY_UP.labels("redis").set(1 if up else 0)
+            await asyncio.sleep(interval)
 
     async def _set_ready(self, ready: bool) -> None:
         status = (
@@ -290,6 +342,8 @@ class ServiceApp:
                 await hook()
             except Exception:
                 log.exception("shutdown hook failed")
+        if self.reporter is not None:
+            await self.reporter.close()  # the last timings, after every RPC has finished
         for channel in self._channels.values():
             await channel.close()
         for cache in self._caches:

@@ -25,6 +25,7 @@ from services.analytics.dashboard import Dashboard
 from services.analytics.sketch import RELATIVE_ACCURACY
 from services.analytics.vitals import FUNNEL_STEPS
 from services.analytics.windows import parse_window
+from services.servicekit.clock import ManualClock
 from services.servicekit.errors import bad_request_violations
 from services.servicekit.server import ServiceApp
 from tests.conftest import EdgeFactory, StartService
@@ -125,15 +126,23 @@ async def connect(admin_token: str) -> AsyncIterator[Any]:
 
 
 @pytest.fixture
-async def with_monitoring(
-    start_service: StartService, connect: Any, monitoring: tuple[Monitoring, str]
-) -> Analytics:
-    return connect(await start_service(analytics_app(), monitoring_addr=monitoring[1]))
+def clock() -> ManualClock:
+    """The service's clock, pinned at NOW: the dashboard's "now" and its cache's expiry."""
+    return ManualClock(NOW)
 
 
 @pytest.fixture
-async def monitoring_down(start_service: StartService, connect: Any) -> Analytics:
-    return connect(await start_service(analytics_app(), monitoring_addr=f"127.0.0.1:{free_port()}"))
+async def with_monitoring(
+    start_service: StartService, connect: Any, monitoring: tuple[Monitoring, str], clock: ManualClock
+) -> Analytics:
+    return connect(await start_service(analytics_app(), monitoring_addr=monitoring[1], clock=clock))
+
+
+@pytest.fixture
+async def monitoring_down(start_service: StartService, connect: Any, clock: ManualClock) -> Analytics:
+    return connect(
+        await start_service(analytics_app(), monitoring_addr=f"127.0.0.1:{free_port()}", clock=clock)
+    )
 
 
 # --------------------------------------------------------------------------- the data set
@@ -264,6 +273,7 @@ def check_trend_24h(reply: analytics_pb2.GetPerformanceDashboardResponse) -> Non
     assert all(b - a == timedelta(hours=1) for a, b in itertools.pairwise(starts))
     assert len(starts) == 25  # the partial hours at both ends included
     assert starts[-1] <= NOW < starts[-1] + timedelta(hours=1)
+    assert reply.generated_at.ToDatetime(tzinfo=UTC) == NOW
     early = points.pop(EARLY.replace(minute=0, second=0, microsecond=0))
     late = points.pop(LATE.replace(minute=0, second=0, microsecond=0))
     assert (early.events, early.sessions) == (3, 2)
@@ -345,12 +355,12 @@ async def test_windows_and_trend_buckets(
         assert reply.funnel.started_sessions == 0 and reply.funnel.biggest_drop_off_step == ""
 
 
-async def test_windows_read_the_sketch_of_their_grain(monitoring_down: Analytics) -> None:
+async def test_windows_read_the_sketch_of_their_grain(monitoring_down: Analytics, clock: ManualClock) -> None:
     """15m and 1h read the 5-minute, per-page sketch; 24h, 7d and 30d the hourly one. Both are
     kept by ingest from the same contributions, so on the same data they give the same p75."""
     a = monitoring_down
     run = uuid.uuid4().hex[:8]
-    at = datetime.now(UTC) - timedelta(minutes=10)
+    at = clock.now() - timedelta(minutes=10)
     values = [900.0, 1500.0, 2100.0, 2700.0, 3300.0, 3900.0, 4500.0, 5100.0]
     request = analytics_pb2.RecordPerformanceMetricsRequest()
     for i, value in enumerate(values):
@@ -393,7 +403,7 @@ async def test_windows_read_the_sketch_of_their_grain(monitoring_down: Analytics
     assert (long.samples, long.p75) == (len(values), results["1h"].p75)
 
 
-async def test_burst_computes_once_and_is_cached(with_monitoring: Analytics) -> None:
+async def test_burst_computes_once_and_is_cached(with_monitoring: Analytics, clock: ManualClock) -> None:
     await record_all(with_monitoring)
     board = find_dashboard(with_monitoring.app)
     before = board.computations
@@ -407,6 +417,20 @@ async def test_burst_computes_once_and_is_cached(with_monitoring: Analytics) -> 
     other = await dashboard(with_monitoring, "30d")  # another key: computed
     assert board.computations == before + 2
     assert other.window == "30d"
+
+    # The answer lives the configured TTL on the service's clock, in L1 and in Redis.
+    ttl = analytics_app().AnalyticsSettings.model_fields["analytics_dashboard_ttl_seconds"].default
+    clock.advance(ttl - 0.5)
+    assert (await dashboard(with_monitoring, "7d")).generated_at == replies[0].generated_at
+    assert board.computations == before + 2
+    clock.advance(1.0)
+    fresh = await dashboard(with_monitoring, "7d")
+    assert board.computations == before + 3
+    assert (
+        fresh.generated_at.ToDatetime(tzinfo=UTC)
+        == clock.now()
+        != replies[0].generated_at.ToDatetime(tzinfo=UTC)
+    )
 
 
 async def test_bad_window_and_access(with_monitoring: Analytics, user_token: str) -> None:

@@ -1,4 +1,5 @@
-"""MultiLevelCache against real Redis: the shared one (TEST_REDIS_URL) and private redis-servers."""
+"""MultiLevelCache against real Redis: the shared one (TEST_REDIS_URL) and private redis-servers.
+Expiry runs on a ManualClock: no test waits for an entry to expire."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from services.servicekit.cache import CACHE_REQUESTS, MultiLevelCache, bytes_passthrough
+from services.servicekit.cache.codec import unwrap
+from services.servicekit.clock import ManualClock
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 RUN_PREFIX = f"test-{uuid4().hex[:8]}"
@@ -43,19 +46,29 @@ async def _eventually(check: Callable[[], Awaitable[bool] | bool], timeout: floa
         await asyncio.sleep(0.02)
 
 
-class Loader:
-    """Counts its calls; returns the next value, or raises ``error`` if set."""
+def stored(raw: bytes | None) -> bytes:
+    """The payload of a value the cache stored in Redis (without its expiry envelope)."""
+    assert raw is not None
+    return unwrap(raw)[1]
 
-    def __init__(self, value: Any = "v", delay: float = 0.0) -> None:
+
+class Loader:
+    """Counts its calls; returns the next value, or raises ``error`` if set. A gated loader
+    signals ``started`` and waits for ``gate`` before answering."""
+
+    def __init__(self, value: Any = "v", gated: bool = False) -> None:
         self.value = value
-        self.delay = delay
+        self.gate = asyncio.Event()
+        if not gated:
+            self.gate.set()
+        self.started = asyncio.Event()
         self.calls = 0
         self.error: Exception | None = None
 
     async def __call__(self) -> Any:
         self.calls += 1
-        if self.delay:
-            await asyncio.sleep(self.delay)
+        self.started.set()
+        await self.gate.wait()
         if self.error is not None:
             raise self.error
         return self.value
@@ -148,9 +161,10 @@ def _name() -> str:
 async def test_l1_hit_does_not_touch_redis(private_redis: RedisServer, make_cache: Any) -> None:
     client = _client(private_redis.url)
     try:
-        cache = await make_cache(_name(), client=client, l1_ttl=0.3)
+        clock = ManualClock()
+        cache = await make_cache(_name(), client=client, l1_ttl=0.3, clock=clock)
         await cache.set("k", {"a": 1}, ttl=60)
-        assert await client.get(cache.redis_key("k")) == b'{"a":1}'
+        assert stored(await client.get(cache.redis_key("k"))) == b'{"a":1}'
 
         # Hot hits: count the commands the private server processes meanwhile.
         await client.config_resetstat()
@@ -163,8 +177,9 @@ async def test_l1_hit_does_not_touch_redis(private_redis: RedisServer, make_cach
 
         # The Redis key is deleted behind the cache's back: L1 still answers until its TTL.
         await client.delete(cache.redis_key("k"))
+        clock.advance(0.29)
         assert await cache.get("k") == {"a": 1}
-        await asyncio.sleep(0.35)
+        clock.advance(0.02)
         assert await cache.get("k") is None
         assert cache.stats()["misses"] == 1
     finally:
@@ -185,11 +200,12 @@ async def test_l2_hit_from_a_second_instance(make_cache: Any, redis_client: aior
     assert b.stats()["l1_hits"] == 1
     assert a.stats()["hits"] == 0 and a.stats()["misses"] == 1 and a.stats()["loads"] == 1
     assert CACHE_REQUESTS.labels(name, "l2", "hit")._value.get() == 1
-    assert await redis_client.exists(f"{RUN_PREFIX}:cache:{name}:k") == 1
+    assert await redis_client.exists(f"{RUN_PREFIX}:cache.v2:{name}:k") == 1
 
 
 async def test_ttl_callable_per_value_in_l1_and_l2(make_cache: Any, redis_client: aioredis.Redis) -> None:
-    cache = await make_cache(_name())
+    clock = ManualClock()
+    cache = await make_cache(_name(), clock=clock)
 
     def ttl_of(task: dict[str, str]) -> float:
         return {"running": 0.3, "done": 30.0, "failed": 0.0}[task["state"]]
@@ -206,6 +222,9 @@ async def test_ttl_callable_per_value_in_l1_and_l2(make_cache: Any, redis_client
     assert 0 < await redis_client.pttl(cache.redis_key("t1")) <= 300
     assert 29_000 < await redis_client.pttl(cache.redis_key("t2")) <= 30_000
     assert await redis_client.exists(cache.redis_key("t3")) == 0  # ttl 0: not cached
+    # Each entry carries its expiry on the cache's clock.
+    raw_t1 = await redis_client.get(cache.redis_key("t1"))
+    assert raw_t1 is not None and unwrap(raw_t1)[0] == pytest.approx(clock.time() + 0.3)
 
     for _ in range(3):
         await cache.get_or_load("t1", running, ttl_of)
@@ -213,49 +232,59 @@ async def test_ttl_callable_per_value_in_l1_and_l2(make_cache: Any, redis_client
         await cache.get_or_load("t3", failed, ttl_of)
     assert (running.calls, done.calls, failed.calls) == (1, 1, 4)
 
-    await asyncio.sleep(0.35)
-    assert await redis_client.exists(cache.redis_key("t1")) == 0  # expired in L2 ...
+    clock.advance(0.35)
+    other = await make_cache(cache.name, clock=clock)  # an empty L1: what Redis holds
+    assert await other.get("t1") is None  # expired in L2 ...
     assert await cache.get("t1") is None  # ... and in L1
+    assert await other.get("t2") == {"state": "done"}
     await cache.get_or_load("t1", running, ttl_of)
     assert running.calls == 2
     assert await cache.get("t2") == {"state": "done"}
 
-    # set() with an explicit TTL; an L2 hit gives L1 only the remaining Redis TTL.
+    # set() with an explicit TTL; an L2 hit gives L1 only the remaining lifetime.
     await cache.set("s", [1, 2], ttl=0.3)
     assert 0 < await redis_client.pttl(cache.redis_key("s")) <= 300
-    other = await make_cache(cache.name)
-    assert await other.get("s") == [1, 2]
-    await asyncio.sleep(0.35)
+    clock.advance(0.2)
+    third = await make_cache(cache.name, clock=clock)
+    assert await third.get("s") == [1, 2]  # from L2, 0.1 s left
+    clock.advance(0.11)
     assert await cache.get("s") is None
-    assert await other.get("s") is None
+    assert await third.get("s") is None
 
 
 async def test_l1_ttl_caps_the_entry_ttl(make_cache: Any, redis_client: aioredis.Redis) -> None:
-    cache = await make_cache(_name(), l1_ttl=0.2)
+    clock = ManualClock()
+    cache = await make_cache(_name(), l1_ttl=0.2, clock=clock)
     loader = Loader("x")
     await cache.get_or_load("k", loader, ttl=30)
     assert await redis_client.pttl(cache.redis_key("k")) > 29_000  # L2 keeps the entry TTL
-    await redis_client.set(cache.redis_key("k"), b'"changed"', px=30_000)
+    await redis_client.set(cache.redis_key("k"), cache.encode("changed", 30), px=30_000)
     assert await cache.get("k") == "x"
-    await asyncio.sleep(0.25)
+    clock.advance(0.25)
     assert await cache.get("k") == "changed"  # L1 expired at its cap, refilled from L2
     assert loader.calls == 1
 
 
 async def test_single_flight(make_cache: Any) -> None:
     cache = await make_cache(_name())
-    loader = Loader({"big": True}, delay=0.05)
-    results = await asyncio.gather(*(cache.get_or_load("k", loader, ttl=10) for _ in range(50)))
+    loader = Loader({"big": True}, gated=True)
+    waiters = asyncio.gather(*(cache.get_or_load("k", loader, ttl=10) for _ in range(50)))
+    await loader.started.wait()
+    loader.gate.set()
+    results = await waiters
     assert loader.calls == 1
     assert results == [{"big": True}] * 50
     assert cache.stats()["coalesced"] == 49 and cache.stats()["misses"] == 1
 
     # An error reaches every waiter, is not cached, and the next call retries.
-    failing = Loader(delay=0.05)
+    failing = Loader(gated=True)
     failing.error = RuntimeError("db down")
-    outcomes = await asyncio.gather(
+    waiting = asyncio.gather(
         *(cache.get_or_load("e", failing, ttl=10) for _ in range(50)), return_exceptions=True
     )
+    await failing.started.wait()
+    failing.gate.set()
+    outcomes = await waiting
     assert failing.calls == 1
     assert all(isinstance(o, RuntimeError) and str(o) == "db down" for o in outcomes)
     failing.error = None
@@ -267,11 +296,13 @@ async def test_single_flight(make_cache: Any) -> None:
 
 async def test_cancelling_one_waiter_does_not_cancel_the_load(make_cache: Any) -> None:
     cache = await make_cache(_name())
-    loader = Loader("v", delay=0.1)
+    loader = Loader("v", gated=True)
     first = asyncio.create_task(cache.get_or_load("k", loader, ttl=10))
     second = asyncio.create_task(cache.get_or_load("k", loader, ttl=10))
-    await asyncio.sleep(0.02)
+    await loader.started.wait()
     first.cancel()
+    await asyncio.sleep(0)
+    loader.gate.set()
     assert await second == "v"
     assert first.cancelled()
     assert loader.calls == 1
@@ -313,10 +344,11 @@ async def test_invalidation_reaches_other_instances(make_cache: Any, redis_clien
 
 async def test_invalidation_during_load_is_not_overwritten(make_cache: Any) -> None:
     cache = await make_cache(_name())
-    loader = Loader("stale", delay=0.1)
+    loader = Loader("stale", gated=True)
     task = asyncio.create_task(cache.get_or_load("k", loader, ttl=30))
-    await asyncio.sleep(0.02)
+    await loader.started.wait()
     await cache.invalidate("k")
+    loader.gate.set()
     assert await task == "stale"  # the caller still gets its answer ...
     assert await cache.get("k") is None  # ... but it is not cached
 
@@ -338,7 +370,7 @@ async def test_bytes_passthrough(make_cache: Any, redis_client: aioredis.Redis) 
     a = await make_cache(name, serializer=bytes_passthrough, deserializer=bytes_passthrough)
     b = await make_cache(name, serializer=bytes_passthrough, deserializer=bytes_passthrough)
     await a.set("png", b"\x89PNG\x00\xff", ttl=30)
-    assert await redis_client.get(a.redis_key("png")) == b"\x89PNG\x00\xff"
+    assert stored(await redis_client.get(a.redis_key("png"))) == b"\x89PNG\x00\xff"
     assert await b.get("png") == b"\x89PNG\x00\xff"
 
 
@@ -355,7 +387,7 @@ async def test_redis_outage_and_recovery(
         a = await make_cache(name, client=client_a)
         b = await make_cache(name, client=client_b)
         await a.set("hot", "hot-value", ttl=60)
-        assert await probe.get(a.redis_key("hot")) == b'"hot-value"'
+        assert stored(await probe.get(a.redis_key("hot"))) == b'"hot-value"'
 
         await private_redis.kill()
         caplog.set_level(logging.WARNING, logger="services.servicekit.cache")
@@ -372,8 +404,11 @@ async def test_redis_outage_and_recovery(
         assert not a.redis_available
         assert time.monotonic() - started < 1.5  # no per-call connect timeouts
         # Single-flight still holds without Redis.
-        slow = Loader("x", delay=0.05)
-        await asyncio.gather(*(a.get_or_load("sf", slow, ttl=60) for _ in range(20)))
+        slow = Loader("x", gated=True)
+        together = asyncio.gather(*(a.get_or_load("sf", slow, ttl=60) for _ in range(20)))
+        await slow.started.wait()
+        slow.gate.set()
+        await together
         assert slow.calls == 1
         await _eventually(lambda: not b.redis_available and not b.subscribed)
         outage_warnings = [r for r in caplog.records if "Redis unavailable" in r.getMessage()]
@@ -385,7 +420,7 @@ async def test_redis_outage_and_recovery(
 
         # Back to normal: writes reach Redis again ...
         await a.set("after", {"ok": True}, ttl=60)
-        assert await probe.get(a.redis_key("after")) == b'{"ok":true}'
+        assert stored(await probe.get(a.redis_key("after"))) == b'{"ok":true}'
         assert await b.get("after") == {"ok": True}
         # ... and invalidation broadcasts flow between the instances again.
         await a.invalidate("after")
@@ -448,7 +483,7 @@ async def test_start_while_redis_is_down_then_recover(private_redis: RedisServer
             await private_redis.start()
             await _eventually(lambda: cache.subscribed and cache.redis_available, timeout=5)
             await cache.set("k2", "v2", ttl=30)
-            assert await client.get(cache.redis_key("k2")) == b'"v2"'
+            assert stored(await client.get(cache.redis_key("k2"))) == b'"v2"'
         finally:
             await cache.close()
     finally:
@@ -459,3 +494,14 @@ def test_rejects_decoding_client() -> None:
     client = aioredis.Redis.from_url(REDIS_URL, decode_responses=True)
     with pytest.raises(ValueError, match="decode_responses"):
         MultiLevelCache(client, prefix=RUN_PREFIX, name="x")
+
+
+async def test_values_not_in_the_envelope_are_misses(make_cache: Any, redis_client: aioredis.Redis) -> None:
+    """A bare value (an older version's, or anything else) in a cache key is a miss, never an error."""
+    cache = await make_cache(_name())
+    for raw in (b'"bare json"', b"", b"\x02short", cache.encode("x", 30)[:-1]):
+        await redis_client.set(cache.redis_key("k"), raw, px=30_000)
+        assert await cache.get("k") is None
+    loader = Loader("fresh")
+    assert await cache.get_or_load("k", loader, ttl=30) == "fresh" and loader.calls == 1
+    assert stored(await redis_client.get(cache.redis_key("k"))) == b'"fresh"'
