@@ -21,7 +21,10 @@ class ServiceSettings(BaseSettings):
         "postgresql://postgres@127.0.0.1:5432/postgres",
         description="PostgreSQL DSN (asyncpg).",
     )
-    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL (redis:// or unix://).")
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description="Redis URL: redis://, rediss://, unix://, or redis+cluster://host:port for a Redis Cluster.",
+    )
     db_schema: str = Field(
         "",
         pattern=r"^[a-z_][a-z0-9_]{0,62}$|^$",

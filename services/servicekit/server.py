@@ -31,14 +31,11 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import grpc
-import redis.asyncio as aioredis
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import Gauge, start_http_server
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
 
 from cosnap.monitoring.v1 import monitoring_pb2_grpc
 
@@ -48,6 +45,7 @@ from .channels import service_channel
 from .clock import SYSTEM_CLOCK, Clock
 from .config import ServiceSettings
 from .interceptors import ServiceInterceptor, TimingSink
+from .redis_client import RedisClient, connect_redis
 from .reporter import MonitoringReporter, ReporterSettings, cache_counts, default_instance
 
 if TYPE_CHECKING:
@@ -110,7 +108,7 @@ class ServiceApp:
         self.redis_prefix = settings.redis_prefix or name
         self.migrations = migrations
         self.pool: asyncpg.Pool | None = None
-        self.redis: aioredis.Redis | None = None
+        self.redis: RedisClient | None = None
         self.health = health_aio.HealthServicer()
         self.port = 0
         self.metrics_port = 0
@@ -152,14 +150,8 @@ class ServiceApp:
             async with self.pool.acquire() as conn:
                 await db.migrate(conn, self.schema, db.load_migrations(self.migrations))
         self.db_healthy = True
-        # One quick retry: after a Redis restart each pooled socket fails once.
-        self.redis = aioredis.Redis.from_url(
-            s.redis_url,
-            socket_timeout=1.0,
-            socket_connect_timeout=1.0,
-            health_check_interval=15,
-            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=1),
-        )
+        # One Redis or a Redis Cluster (redis+cluster://), by the URL's scheme.
+        self.redis = connect_redis(s.redis_url)
 
     async def cache(self, name: str, **options: Any) -> MultiLevelCache[Any]:
         """A named multi-level cache under this service's key prefix."""
