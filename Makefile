@@ -1,5 +1,5 @@
 # Cosnap backend. `make up` runs the suite, `make test` tests it; both install
-# what they need (virtual environment, Python packages, buf from npm) first.
+# what they need (virtual environment, the locked Python packages, buf from npm) first.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -8,11 +8,13 @@ BUF := node_modules/.bin/buf
 PROTOS := $(shell find protos -name '*.proto')
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: up test bench gen lint fmt check-gen migrate clean system-deps
+.PHONY: up test bench gen lint fmt lock token clean system-deps
 
-$(VENV)/.installed: pyproject.toml
+# Exactly the versions and hashes of requirements.lock (`make lock` regenerates it
+# from pyproject.toml); `make lint` fails while the lock disagrees with pyproject.toml.
+$(VENV)/.installed: requirements.lock
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q --disable-pip-version-check '.[dev,local]'
+	$(VENV)/bin/pip install -q --disable-pip-version-check --require-hashes -r requirements.lock
 	$(PY) -c 'import site, pathlib; r = pathlib.Path.cwd(); pathlib.Path(site.getsitepackages()[0], "cosnap.pth").write_text(f"{r}\n{r}/build/gen\n")'
 	touch $@
 
@@ -55,6 +57,21 @@ lint: build/.generated
 	$(BUF) format -d --exit-code
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(PY) tools/check_lock.py
+	$(VENV)/bin/mypy
+
+# A signed token for any user and role: `make token SUB=alice ROLE=user [TTL=seconds]`
+# (with AUTH_JWT_SECRET, or the development secret `make up` uses).
+token: $(VENV)/.installed
+	@$(PY) tools/mint_token.py --sub "$(SUB)" --role "$(or $(ROLE),user)" $(if $(TTL),--ttl $(TTL))
+
+# After adding or changing a dependency in pyproject.toml (always an exact `==` pin).
+lock: $(VENV)/.installed
+	$(VENV)/bin/uv pip compile pyproject.toml --extra dev --extra local --universal \
+		--python-version 3.11 --generate-hashes --custom-compile-command 'make lock' \
+		--quiet -o requirements.lock
+	$(VENV)/bin/pip install -q --disable-pip-version-check --require-hashes -r requirements.lock
+	touch $(VENV)/.installed
 
 fmt: $(VENV)/.installed $(BUF)
 	$(BUF) format -w

@@ -9,6 +9,10 @@ echo, and the health endpoint's latency at 500 requests per second.
    then RecordApiTimings with batches of 1 and of 500 timings (what the kit's
    reporter sends), requests/s and timings/s; the ratio batch-1 req/s / echo
    req/s is taken within the round, the median over rounds reported;
+   then the reporter's cost: `bench.monitoring_echo` (the echo behind the kit's
+   interceptor) without and with the kit's reporter shipping every RPC's timing
+   to the monitoring process, back to back, req/s and p50 (goal: under 5 %
+   fewer req/s);
 3. GetSystemHealth at an open-loop 500 requests/s for 4 s (every request sent
    at its scheduled time whatever the earlier ones do): p50 / p99 / max, and
    how many health computations the cache let through;
@@ -23,6 +27,8 @@ import argparse
 import asyncio
 import os
 import statistics
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Sequence
@@ -37,7 +43,7 @@ from bench.ingest import _percentile, _requests, _spawn_echo, _stop, _wait_answe
 from cosnap.analytics.v1 import analytics_pb2
 from cosnap.monitoring.v1 import monitoring_pb2
 from services.servicekit.auth import ServiceTokens
-from tests.support import DATABASE_URL, JWT_SECRET, free_port, service_env, spawn_service, wait_serving
+from tests.support import DATABASE_URL, JWT_SECRET, ROOT, free_port, service_env, spawn_service, wait_serving
 
 CONCURRENCY = 32
 ROUNDS = 3
@@ -154,17 +160,28 @@ async def run(scale: float = 1.0, log_dir: Path | None = None, rounds: int = ROU
     log_dir = log_dir or Path(os.environ.get("TMPDIR", "/tmp"))
     schema = f"bench_monitoring_{uuid.uuid4().hex[:8]}"
     plan = {batch: max(CONCURRENCY * 2, int(n * scale)) for batch, n in REQUESTS.items()}
-    measured: dict[str, list[dict[str, float]]] = {"echo": [], "batch_1": [], "batch_500": []}
+    measured: dict[str, list[dict[str, float]]] = {
+        "echo": [],
+        "batch_1": [],
+        "batch_500": [],
+        "kit_echo": [],
+        "kit_echo_reporter": [],
+    }
     ratios: list[float] = []
+    costs: list[float] = []
     expected = 0
     echo_port, port = free_port(), free_port()
     echo = _spawn_echo(echo_port, log_dir / "bench-echo.log")
     env = service_env(schema, GRPC_PORT=str(port), METRICS_PORT="0", LOG_LEVEL="WARNING")
     service = spawn_service("monitoring", env, log_dir / "bench-monitoring.log")
     address = f"127.0.0.1:{port}"
+    plain_port, reporting_port = free_port(), free_port()
+    plain = _spawn_kit_echo(plain_port, None, log_dir / "bench-kit-echo.log")
+    reporting = _spawn_kit_echo(reporting_port, address, log_dir / "bench-kit-echo-reporter.log")
     result: dict[str, Any] = {"concurrency": CONCURRENCY, "scale": scale, "rounds": rounds}
     try:
-        await _wait_answering(f"127.0.0.1:{echo_port}")
+        for p in (echo_port, plain_port, reporting_port):
+            await _wait_answering(f"127.0.0.1:{p}")
         await asyncio.to_thread(wait_serving, address, 60)
         for _ in range(rounds):
             measured["echo"].append(
@@ -177,15 +194,25 @@ async def run(scale: float = 1.0, log_dir: Path | None = None, rounds: int = ROU
             ratios.append(
                 measured["batch_1"][-1]["requests_per_second"] / measured["echo"][-1]["requests_per_second"]
             )
+            echo_payloads = _requests(1, plan[1], "k")
+            for name, kit_port in (("kit_echo", plain_port), ("kit_echo_reporter", reporting_port)):
+                measured[name].append(await drive(f"127.0.0.1:{kit_port}", ECHO, echo_payloads, 1))
+            costs.append(
+                1
+                - measured["kit_echo_reporter"][-1]["requests_per_second"]
+                / measured["kit_echo"][-1]["requests_per_second"]
+            )
         result["health"] = await health_load(address, HEALTH_RATE, HEALTH_SECONDS * max(1.0, scale))
     finally:
-        _stop(service)
-        _stop(echo)
+        for proc in (reporting, plain, service, echo):
+            _stop(proc)
     conn = await asyncpg.connect(DATABASE_URL)
     try:
-        result["stored_timings"] = await conn.fetchval(f'SELECT count(*) FROM "{schema}".api_timings')
+        result["stored_timings"] = await conn.fetchval(
+            f"SELECT count(*) FROM \"{schema}\".api_timings WHERE service = 'effects'"
+        )
         result["rolled_up_timings"] = await conn.fetchval(
-            f'SELECT sum(requests) FROM "{schema}".api_rollup_minute'
+            f"SELECT sum(requests) FROM \"{schema}\".api_rollup_minute WHERE service = 'effects'"
         )
         result["expected_timings"] = expected
         await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
@@ -195,12 +222,26 @@ async def run(scale: float = 1.0, log_dir: Path | None = None, rounds: int = ROU
         result[name] = sorted(runs, key=lambda f: f["requests_per_second"])[len(runs) // 2]
     result["ratio_batch1_vs_echo"] = round(statistics.median(ratios), 3)
     result["ratio_batch1_vs_echo_range"] = [round(min(ratios), 3), round(max(ratios), 3)]
+    result["reporter_cost"] = round(statistics.median(costs), 3)
+    result["reporter_cost_range"] = [round(min(costs), 3), round(max(costs), 3)]
     return result
+
+
+def _spawn_kit_echo(port: int, monitoring: str | None, log: Path) -> subprocess.Popen[bytes]:
+    out = open(log, "ab")  # the child process owns it
+    return subprocess.Popen(
+        [sys.executable, "-m", "bench.monitoring_echo", str(port), *([monitoring] if monitoring else [])],
+        cwd=ROOT,
+        stdout=out,
+        stderr=out,
+        env={**os.environ, "AUTH_JWT_SECRET": JWT_SECRET},
+    )
 
 
 def print_result(result: dict[str, Any]) -> None:
     echo, one, many, health = result["echo"], result["batch_1"], result["batch_500"], result["health"]
     low, high = result["ratio_batch1_vs_echo_range"]
+    low_cost, high_cost = result["reporter_cost_range"]
     print(
         f"monitoring (concurrency {result['concurrency']}, {result['rounds']} rounds, medians)\n"
         f"  baseline echo (bare grpc.aio, batch 1): {echo['requests_per_second']:,} req/s, p99 {echo['p99_ms']} ms\n"
@@ -211,6 +252,10 @@ def print_result(result: dict[str, Any]) -> None:
         f" = {round(many['records_per_second'] / echo['requests_per_second'], 1)}x echo's req/s\n"
         f"  stored {result['stored_timings']:,} raw / {result['rolled_up_timings']:,} rolled up"
         f" of {result['expected_timings']:,} acknowledged\n"
+        f"  kit echo without / with the reporter: {result['kit_echo']['requests_per_second']:,} /"
+        f" {result['kit_echo_reporter']['requests_per_second']:,} req/s, p50 {result['kit_echo']['p50_ms']} /"
+        f" {result['kit_echo_reporter']['p50_ms']} ms: the reporter costs {round(result['reporter_cost'] * 100, 1)} %"
+        f" of req/s ({round(low_cost * 100, 1)} to {round(high_cost * 100, 1)}; goal < 5 %)\n"
         f"  GetSystemHealth at {HEALTH_RATE}/s open loop ({health['requests']} requests,"
         f" {health['achieved_per_second']}/s achieved): p50 {health['p50_ms']} ms, p99 {health['p99_ms']} ms,"
         f" max {health['max_ms']} ms, errors {health['errors']}"

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 
-from aiohttp import web
 from pydantic import ValidationError
 
 from gateway.app import create_app
 from gateway.config import Settings
 from gateway.routes import TemplateError
+from gateway.serving import ListenError, serve
 
 
 def _settings_or_exit() -> Settings:
@@ -31,12 +32,19 @@ def main() -> None:
     except (OSError, TemplateError, TypeError, KeyError) as exc:
         print(f"gateway: cannot load EDGE_DESCRIPTOR_SET: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    print(
-        f"gateway: listening on http://{settings.host}:{settings.port} "
-        f"(backends: {', '.join(f'{k}={v}' for k, v in settings.backends.items())})",
-        file=sys.stderr,
-    )
-    web.run_app(app, host=settings.host, port=settings.port, print=None, access_log=None)
+
+    def listening() -> None:  # only once the port is bound
+        backends = ", ".join(f"{k}={v}" for k, v in settings.backends.items())
+        print(
+            f"gateway: listening on http://{settings.host}:{settings.port} (backends: {backends})",
+            file=sys.stderr,
+        )
+
+    try:
+        asyncio.run(serve(app, settings.host, settings.port, listening))
+    except ListenError as exc:
+        print(f"gateway: {exc.strerror}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

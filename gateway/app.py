@@ -5,9 +5,11 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import TypeAlias
 from urllib.parse import unquote
 
 import brotli
@@ -38,18 +40,25 @@ CHANNEL_OPTIONS = [
 
 REQUEST_ID = web.RequestKey("request_id", str)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-UnaryCall = grpc.aio.UnaryUnaryMultiCallable
+UnaryCall: TypeAlias = "grpc.aio.UnaryUnaryMultiCallable[Message, Message]"
 
 
 def _serialize(message: Message) -> bytes:
     return message.SerializeToString()
 
 
-def error_response(http: int, code: grpc.StatusCode, message: str) -> web.Response:
+def error_response(
+    http: int,
+    code: grpc.StatusCode,
+    message: str,
+    violations: Sequence[tuple[str, str]] = (),
+    headers: Mapping[str, str] | None = None,
+) -> web.Response:
     return web.Response(
         status=http,
-        body=status_json(code, message),
+        body=status_json(code, message, violations),
         content_type="application/json",
+        headers=headers,
     )
 
 
@@ -111,7 +120,8 @@ class Edge:
         self.statuses = StatusRenderer(descriptors.pool)
         self.channels: dict[str, grpc.aio.Channel] = {}
         self._calls: dict[str, UnaryCall] = {}
-        self._origins = frozenset(settings.cors_origins)
+        self._origins = frozenset(o for o in settings.cors_origins if not o.endswith(":*"))
+        self._any_port = frozenset(o[:-2] for o in settings.cors_origins if o.endswith(":*"))
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -174,7 +184,7 @@ class Edge:
                 request.headers.get("Content-Type", ""),
             )
         except TranscodeError as exc:
-            return error_response(400, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            return error_response(400, grpc.StatusCode.INVALID_ARGUMENT, str(exc), exc.violations)
 
         call = self._call(route)
         if call is None:
@@ -190,12 +200,20 @@ class Edge:
                 metadata=self._metadata(request),
             )
         except grpc.aio.AioRpcError as err:
-            status, payload = self.statuses.render(
-                err.code(),
-                err.details(),
-                tuple(err.trailing_metadata() or ()),
+            code = err.code()
+            rendered = self.statuses.render(code, err.details(), tuple(err.trailing_metadata() or ()))
+            if not rendered.deliberate:
+                log.warning(
+                    "backend error",
+                    extra={"route": route.grpc_path, "code": code.name, "details": err.details()},
+                )
+            headers = {}
+            if code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE):
+                retry_after = rendered.retry_after or self.settings.retry_after_seconds
+                headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
+            return web.Response(
+                status=rendered.http, body=rendered.body, content_type="application/json", headers=headers
             )
-            return web.Response(status=status, body=payload, content_type="application/json")
         payload, content_type = self.transcoder.render_response(route, reply)
         return web.Response(body=payload, headers={"Content-Type": content_type})
 
@@ -225,7 +243,7 @@ class Edge:
         request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
         request[REQUEST_ID] = request_id
         origin = request.headers.get("Origin")
-        allowed = origin if origin and ({origin, "*"} & self._origins) else None
+        allowed = origin if origin and self._origin_allowed(origin) else None
         response: web.StreamResponse
         try:
             preflight = allowed and request.method == "OPTIONS"
@@ -258,6 +276,14 @@ class Edge:
             ),
         )
         return response
+
+    def _origin_allowed(self, origin: str) -> bool:
+        if origin in self._origins or "*" in self._origins:
+            return True
+        host, colon, port = origin.rpartition(":")
+        if colon and port.isdigit() and host in self._any_port:
+            return True
+        return origin in self._any_port  # the default port of a `:*` entry
 
     def _preflight(self) -> web.Response:
         return web.Response(

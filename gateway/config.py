@@ -33,6 +33,8 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(30 << 20, gt=0)
     grpc_timeout_seconds: float = Field(60.0, gt=0)
     cors_max_age_seconds: int = Field(86400, ge=0)
+    # Retry-After of a 429 or 503 when the service did not say (google.rpc.RetryInfo).
+    retry_after_seconds: int = Field(1, ge=1, le=3600)
 
     @field_validator("backends", mode="before")
     @classmethod

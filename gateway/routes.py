@@ -16,11 +16,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 from urllib.parse import unquote
 
 from google.api import annotations_pb2, http_pb2
 from google.protobuf import descriptor_pb2, descriptor_pool
 from google.protobuf.descriptor import Descriptor, MethodDescriptor
+
+if TYPE_CHECKING:
+    from google.protobuf.internal.extension_dict import _ExtensionFieldDescriptor
 
 HTTP_BODY = "google.api.HttpBody"
 
@@ -104,7 +108,9 @@ class PathTemplate:
 
 
 def _split_outside_braces(body: str, template: str) -> list[str]:
-    parts, depth, current = [], 0, []
+    parts: list[str] = []
+    current: list[str] = []
+    depth = 0
     for ch in body:
         if ch == "{":
             depth += 1
@@ -183,8 +189,8 @@ class Route:
     @property
     def raw_body(self) -> bool:
         """The request body is raw bytes (a google.api.HttpBody) rather than JSON."""
-        target = self.method.input_type
-        if self.body not in ("", "*"):
+        target: Descriptor | None = self.method.input_type
+        if target is not None and self.body not in ("", "*"):
             target = target.fields_by_name[self.body].message_type
         return self.body != "" and target is not None and target.full_name == HTTP_BODY
 
@@ -247,9 +253,13 @@ def _http_rule(method: MethodDescriptor) -> http_pb2.HttpRule | None:
     # Re-parse the options against the generated MethodOptions, where the
     # google.api.http extension is registered, whatever pool produced them.
     options = descriptor_pb2.MethodOptions.FromString(method.GetOptions().SerializeToString())
-    if not options.HasExtension(annotations_pb2.http):
+    # googleapis-common-protos types the extension as a plain FieldDescriptor.
+    http = cast(
+        "_ExtensionFieldDescriptor[descriptor_pb2.MethodOptions, http_pb2.HttpRule]", annotations_pb2.http
+    )
+    if not options.HasExtension(http):
         return None
-    return options.Extensions[annotations_pb2.http]
+    return options.Extensions[http]
 
 
 def _bindings(rule: http_pb2.HttpRule) -> list[http_pb2.HttpRule]:
@@ -296,9 +306,9 @@ def build_routes(
 
 
 def _resolve_path(message: Descriptor, path: tuple[str, ...], method: MethodDescriptor) -> None:
-    for i, name in enumerate(path):
-        fd = message.fields_by_name.get(name)
+    current: Descriptor | None = message
+    for name in path:
+        fd = current.fields_by_name.get(name) if current is not None else None
         if fd is None:
             raise TemplateError(f"{method.full_name}: path variable {'.'.join(path)!r} unknown")
-        if i < len(path) - 1:
-            message = fd.message_type
+        current = fd.message_type

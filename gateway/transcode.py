@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+import logging
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from google.protobuf import json_format
@@ -12,7 +13,10 @@ from google.protobuf.descriptor_pool import DescriptorPool
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 
+from gateway.jsoncheck import MAX_DEPTH, Violation, check_message, nesting_depth
 from gateway.routes import HTTP_BODY, Route
+
+log = logging.getLogger("gateway")
 
 # Well-known types whose JSON form is a string or number, so a query parameter can carry them.
 _SCALAR_WKTS = frozenset(
@@ -34,7 +38,23 @@ _SCALAR_WKTS = frozenset(
 
 
 class TranscodeError(ValueError):
-    """The HTTP request cannot be turned into the gRPC request (answered 400)."""
+    """The HTTP request cannot be turned into the gRPC request (answered 400).
+
+    `violations` name each offending field (a google.rpc.BadRequest in the answer)."""
+
+    def __init__(self, message: str, violations: Sequence[Violation] = ()) -> None:
+        super().__init__(message)
+        self.violations = list(violations)
+
+
+def _invalid(what: str, violations: list[Violation]) -> TranscodeError:
+    fields = ", ".join(field for field, _ in violations[:5])
+    more = f" and {len(violations) - 5} more" if len(violations) > 5 else ""
+    return TranscodeError(f"{what}: {fields}{more}", violations)
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def _field(message: Descriptor, name: str) -> FieldDescriptor | None:
@@ -70,21 +90,26 @@ def _resolve(message: Descriptor, dotted: str, source: str) -> list[FieldDescrip
 _BOOLS = {"true": True, "false": False, "1": True, "0": False}
 
 
-def _text_value(fd: FieldDescriptor, value: str) -> Any:
+def _text_value(fd: FieldDescriptor, value: str, path: str) -> Any:
     """A path or query text as the JSON value json_format expects (numbers may stay strings)."""
     if fd.type == FieldDescriptor.TYPE_BOOL:
         if value.lower() not in _BOOLS:
-            raise TranscodeError(f"{fd.name!r}: expected true or false, got {value!r}")
+            raise TranscodeError(
+                f"invalid parameter: {path}", [(path, f"expected true or false, got {value[:64]!r}")]
+            )
         return _BOOLS[value.lower()]
     return value
 
 
 def _nested(chain: list[FieldDescriptor], values: list[str]) -> dict[str, Any]:
-    texts = [_text_value(chain[-1], v) for v in values]
+    path = ".".join(fd.json_name for fd in chain)
+    texts = [_text_value(chain[-1], v, path) for v in values]
     leaf: Any = texts if chain[-1].is_repeated else texts[-1]
+    nested: dict[str, Any] = {}
     for fd in reversed(chain):
-        leaf = {fd.json_name: leaf}
-    return leaf
+        nested = {fd.json_name: leaf}
+        leaf = nested
+    return nested
 
 
 def _leaf_value(message: Message, chain: list[FieldDescriptor]) -> tuple[bool, Any]:
@@ -175,18 +200,33 @@ class Transcoder:
         source: str,
     ) -> Message:
         result = self.message_class(message)()
+        violations: list[Violation] = []
+        parts: list[dict[str, Any]] = []
         for chain, values in entries:
+            nested = _nested(chain, values)
+            check_message(nested, message, "", violations)
+            parts.append(nested)
+        if violations:
+            raise _invalid(f"invalid {source}", violations)
+        for nested in parts:
             part = self.message_class(message)()
-            try:
-                json_format.ParseDict(_nested(chain, values), part, descriptor_pool=self.pool)
-            except (json_format.ParseError, TranscodeError) as exc:
-                raise TranscodeError(f"{source} {_key(chain)!r}: {exc}") from None
+            self._parse(nested, part, f"invalid {source}")
             result.MergeFrom(part)
         return result
 
+    def _parse(self, document: dict[str, Any], message: Message, what: str) -> None:
+        """json_format.ParseDict after check_message found nothing: a failure here is a
+        case the check does not know; answer without the parser's wording, log it."""
+        try:
+            json_format.ParseDict(document, message, descriptor_pool=self.pool)
+        except (json_format.ParseError, ValueError, TypeError, RecursionError) as exc:
+            log.info("JSON accepted by the check, refused by protobuf: %s", exc)
+            raise TranscodeError(what) from None
+
     def _apply_body(self, request: Message, route: Route, body: bytes, content_type: str) -> None:
         if route.raw_body:
-            target = request if route.body == "*" else getattr(request, route.body)
+            # A google.api.HttpBody, from the descriptor pool (no static type).
+            target: Any = request if route.body == "*" else getattr(request, route.body)
             target.content_type = content_type
             target.data = body
             return
@@ -196,9 +236,13 @@ class Transcoder:
             raise TranscodeError("request body is not valid UTF-8") from None
         if not text.strip():
             return  # an empty body is an empty message
+        if nesting_depth(body) > MAX_DEPTH:
+            raise TranscodeError(f"request body nests arrays or objects deeper than {MAX_DEPTH} levels")
         try:
-            value = json.loads(text)
+            value = json.loads(text, parse_constant=_no_constants)
         except json.JSONDecodeError as exc:
+            raise TranscodeError(f"malformed JSON in request body: {exc}") from None
+        except (ValueError, RecursionError) as exc:
             raise TranscodeError(f"malformed JSON in request body: {exc}") from None
         if route.body == "*":
             document = value
@@ -206,10 +250,11 @@ class Transcoder:
                 raise TranscodeError("request body must be a JSON object")
         else:
             document = {route.method.input_type.fields_by_name[route.body].json_name: value}
-        try:
-            json_format.ParseDict(document, request, descriptor_pool=self.pool)
-        except json_format.ParseError as exc:
-            raise TranscodeError(f"invalid request body: {exc}") from None
+        violations: list[Violation] = []
+        check_message(document, route.method.input_type, "", violations)
+        if violations:
+            raise _invalid("invalid request body", violations)
+        self._parse(document, request, "invalid request body")
 
     # -- responses --------------------------------------------------------------------------
 
@@ -220,7 +265,7 @@ class Transcoder:
             fd = reply.DESCRIPTOR.fields_by_name[route.response_body]
             if fd.message_type is None or fd.is_repeated:
                 # A scalar or repeated field: print it alone, as its JSON value.
-                only = self.message_class(reply.DESCRIPTOR)()
+                only = type(reply)()
                 only.MergeFrom(reply)
                 for other in reply.DESCRIPTOR.fields:
                     if other is not fd:
@@ -229,8 +274,9 @@ class Transcoder:
                 return _dumps(printed), "application/json"
             target = getattr(reply, fd.name)
         if target.DESCRIPTOR.full_name == HTTP_BODY:
-            content_type = target.content_type or "application/octet-stream"
-            return bytes(target.data), content_type
+            http_body: Any = target
+            content_type = http_body.content_type or "application/octet-stream"
+            return bytes(http_body.data), content_type
         # Replies print zero values too (Envoy's always_print_primitive_fields),
         # so `{"accepted": 1, "duplicates": 0}` keeps the shape API.md promises.
         return _dumps(self.to_dict(target, with_defaults=True)), "application/json"

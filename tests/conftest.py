@@ -1,4 +1,6 @@
-"""Fixtures: real PostgreSQL and Redis (CI: 127.0.0.1:5432 `test`, 127.0.0.1:6379).
+"""Fixtures: real PostgreSQL and Redis (CI: 127.0.0.1:5432 `test`, 127.0.0.1:6379; on a
+machine with nothing listening there, the embedded servers `make up` uses, see
+tests/support.py).
 
 Every test run isolates itself: schemas and key prefixes carry a run id, and
 the run drops its schemas and deletes its keys when it ends.
@@ -18,7 +20,12 @@ from services.servicekit.auth import issue_token
 from services.servicekit.clock import Clock
 from services.servicekit.config import ServiceSettings
 from services.servicekit.server import ServiceApp
-from tests.support import DATABASE_URL, JWT_SECRET, REDIS_URL, RUN_ID, unique_name
+from tests.support import DATABASE_URL, JWT_SECRET, REDIS_URL, RUN_ID, stop_embedded, unique_name
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Stop the embedded PostgreSQL / Redis a run started when the machine had none."""
+    stop_embedded()
 
 
 @pytest.fixture(scope="session")
@@ -104,11 +111,18 @@ async def make_edge() -> AsyncIterator[EdgeFactory]:
     """`client = await make_edge(backends={...}, **settings)`: the REST edge on a test server."""
     from gateway.app import create_app
     from gateway.config import Settings
+    from gateway.serving import EdgeRunner
+
+    class EdgeTestServer(TestServer):
+        """Served by the edge's own runner, as `python -m gateway` serves it."""
+
+        async def _make_runner(self, **kwargs: Any) -> EdgeRunner:
+            return EdgeRunner(self.app, **kwargs)
 
     clients: list[TestClient[Any, Any]] = []
 
     async def make(**overrides: Any) -> TestClient[Any, Any]:
-        client: TestClient[Any, Any] = TestClient(TestServer(create_app(Settings(**overrides))))
+        client: TestClient[Any, Any] = TestClient(EdgeTestServer(create_app(Settings(**overrides))))
         await client.start_server()
         clients.append(client)
         return client

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import os
 import socket
 import subprocess
@@ -10,12 +12,75 @@ import time
 import uuid
 from pathlib import Path
 
+import asyncpg
 import grpc
+
+from tools import embedded
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_ID = uuid.uuid4().hex[:8]
-DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
-REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/test"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+# Where a run without PostgreSQL / Redis on the default ports keeps its embedded ones.
+EMBEDDED_DIR = Path(os.environ.get("COSNAP_LOCAL_DIR") or ROOT / ".local") / "test-servers"
+_embedded: list[embedded.Started] = []
+
+
+def resolve_database_url(
+    configured: str | None, default: str, folder: Path, owned: list[embedded.Started] = _embedded
+) -> str:
+    """The URL the tests use: `configured` (TEST_DATABASE_URL) when set; else `default`
+    when something listens there (CI's server); else an embedded PostgreSQL (the one
+    `make up` uses) started in `folder`, with its `test` database. What it starts is
+    appended to `owned` (stopped by stop_embedded at the end of the run)."""
+    if configured:
+        return configured
+    endpoint = embedded.url_endpoint(default, 5432)
+    if endpoint is None or embedded.port_open(*endpoint):
+        return default
+    print(f"tests: nothing on {endpoint[0]}:{endpoint[1]}; embedded PostgreSQL in {folder}", file=sys.stderr)
+    server = embedded.Postgres(folder / "pgdata", durable=False)
+    if not server.ready():  # else: still running after an interrupted run; use it
+        owned.append(embedded.start_postgres(server.data, durable=False))
+    # In a thread of its own: a test may call this from inside the event loop.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, _create_database(server.url(), "test")).result()
+    return server.url("test")
+
+
+def resolve_redis_url(
+    configured: str | None, default: str, folder: Path, owned: list[embedded.Started] = _embedded
+) -> str:
+    """Like resolve_database_url, for Redis (an embedded redis-server on a Unix socket)."""
+    if configured:
+        return configured
+    endpoint = embedded.url_endpoint(default, 6379)
+    if endpoint is None or embedded.port_open(*endpoint):
+        return default
+    print(f"tests: nothing on {endpoint[0]}:{endpoint[1]}; embedded Redis in {folder}", file=sys.stderr)
+    server = embedded.Redis(folder / "redis")
+    if not server.ready():
+        owned.append(embedded.start_redis(server.folder))
+    return server.url
+
+
+async def _create_database(url: str, name: str) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
+            await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+
+
+def stop_embedded() -> None:
+    """Stop the embedded servers this run started (at the end of the session)."""
+    while _embedded:
+        embedded.stop(_embedded.pop())
+
+
+DATABASE_URL = resolve_database_url(os.environ.get("TEST_DATABASE_URL"), DEFAULT_DATABASE_URL, EMBEDDED_DIR)
+REDIS_URL = resolve_redis_url(os.environ.get("TEST_REDIS_URL"), DEFAULT_REDIS_URL, EMBEDDED_DIR)
 JWT_SECRET = "test-secret-0123456789-0123456789-abc"
 
 _counter = 0
@@ -53,10 +118,11 @@ def service_env(schema: str, **extra: str) -> dict[str, str]:
 
 def spawn_service(name: str, env: dict[str, str], log_path: Path | None = None) -> subprocess.Popen[bytes]:
     """Start `python -m services.<name>` as a real process."""
-    out = open(log_path, "ab") if log_path else subprocess.DEVNULL
-    return subprocess.Popen(
-        [sys.executable, "-m", f"services.{name}"], env=env, cwd=ROOT, stdout=out, stderr=out
-    )
+    argv = [sys.executable, "-m", f"services.{name}"]
+    if log_path is None:
+        return subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(log_path, "ab") as out:  # the child keeps its own descriptor
+        return subprocess.Popen(argv, env=env, cwd=ROOT, stdout=out, stderr=out)
 
 
 def wait_serving(address: str, timeout: float = 30.0, service: str = "") -> None:

@@ -4,7 +4,8 @@ One step, run by `make gen`: third-party protos are copied from the installed
 googleapis-common-protos package into build/third_party (never committed),
 `buf build` writes build/descriptor.binpb (used by the local edge and Envoy),
 and grpc_tools.protoc generates Python from that same descriptor set into
-build/gen. `tests/test_contracts.py` regenerates into a temporary folder and
+build/gen (with `.pyi` type stubs for the messages, and mypy-protobuf's typed
+stubs for the gRPC services, so mypy checks every stub call). `tests/test_contracts.py` regenerates into a temporary folder and
 fails when build/gen differs, so stubs never drift from protos/.
 """
 
@@ -60,12 +61,16 @@ def generate_python(descriptor_set: Path, out: Path) -> None:
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
+    # mypy-protobuf's plugin, installed beside this interpreter (dev dependency).
+    grpc_stubs_plugin = Path(sys.executable).parent / "protoc-gen-mypy_grpc"
     args = [
         "grpc_tools.protoc",
         f"--descriptor_set_in={descriptor_set}",
         f"--python_out={out}",
         f"--pyi_out={out}",
         f"--grpc_python_out={out}",
+        f"--plugin=protoc-gen-mypy_grpc={grpc_stubs_plugin}",
+        f"--mypy_grpc_out=quiet:{out}",
         *project_protos(),
     ]
     if protoc.main(args) != 0:

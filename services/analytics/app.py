@@ -113,7 +113,7 @@ async def wire(app: ServiceApp) -> None:
     # Runs after the server stopped taking RPCs: what is queued is committed.
     app.on_shutdown(committer.close)
 
-    monitoring: monitoring_pb2_grpc.MonitoringServiceStub | None = None
+    monitoring: monitoring_pb2_grpc.MonitoringServiceAsyncStub | None = None
     if settings.monitoring_addr:
         monitoring = monitoring_pb2_grpc.MonitoringServiceStub(app.service_channel(settings.monitoring_addr))
 

@@ -169,7 +169,7 @@ class Dashboard:
         self,
         pool: asyncpg.Pool,
         cache: MultiLevelCache[bytes],
-        monitoring: monitoring_pb2_grpc.MonitoringServiceStub | None,
+        monitoring: monitoring_pb2_grpc.MonitoringServiceAsyncStub | None,
         ttl_seconds: float,
         monitoring_timeout: float = 1.0,
         clock: Clock = SYSTEM_CLOCK,
@@ -206,19 +206,10 @@ class Dashboard:
         start = since_hour if hourly else _floor(since, ROLLUP_BUCKET)
         names = list(WEB_VITALS)
 
-        bins, ratings, events, sessions, visitors, funnel, summary = await asyncio.gather(
-            self._fetch(_BINS_HOURLY_SQL if hourly else _BINS_SQL, start, now, size, names),
-            self._fetch(_RATINGS_SQL, start, now, names),
-            self._fetch(_EVENTS_SQL, start, now, size),
-            (
-                self._fetch(_SESSIONS_SQL, since_hour, now, size)
-                if size > HOUR
-                else self._fetch(_SESSIONS_HOURLY_SQL, since_hour, now)
-            ),
-            self._fetch(_VISITORS_SQL, since_hour, now),
-            self._fetch(_FUNNEL_SQL, start, now),
-            self._service_summary(window),
+        queries, summary = await asyncio.gather(
+            self._queries(hourly, start, since_hour, now, size, names), self._service_summary(window)
         )
+        bins, ratings, events, sessions, visitors, funnel = queries
 
         response = analytics_pb2.GetPerformanceDashboardResponse(window=window.text)
         response.generated_at.FromDatetime(now)
@@ -231,13 +222,13 @@ class Dashboard:
             window_bins[row["name"]][row["bin"]] += row["n"]
         by_name = {row["name"]: row for row in ratings}
         for name in WEB_VITALS:
-            row = by_name.get(name)
-            samples = int(row["samples"]) if row else 0
+            rated_row = by_name.get(name)
+            samples = int(rated_row["samples"]) if rated_row else 0
             if name not in ALWAYS_SHOWN_VITALS and samples == 0:
                 continue
-            good = int(row["good"]) if row else 0
-            middle = int(row["needs_improvement"]) if row else 0
-            poor = int(row["poor"]) if row else 0
+            good = int(rated_row["good"]) if rated_row else 0
+            middle = int(rated_row["needs_improvement"]) if rated_row else 0
+            poor = int(rated_row["poor"]) if rated_row else 0
             rated = good + middle + poor
             p75 = sketch.quantile(window_bins.get(name, {}), P75)
             response.web_vitals.add(
@@ -312,6 +303,32 @@ class Dashboard:
             response.open_alerts.error = summary.open_error_alerts
             response.open_alerts.critical = summary.open_critical_alerts
         return response
+
+    async def _queries(
+        self,
+        hourly: bool,
+        start: datetime,
+        since_hour: datetime,
+        now: datetime,
+        size: timedelta,
+        names: list[str],
+    ) -> tuple[list[asyncpg.Record], ...]:
+        """The rollup reads of one dashboard, concurrently: bins, ratings, events,
+        sessions, visitors, funnel."""
+        return tuple(
+            await asyncio.gather(
+                self._fetch(_BINS_HOURLY_SQL if hourly else _BINS_SQL, start, now, size, names),
+                self._fetch(_RATINGS_SQL, start, now, names),
+                self._fetch(_EVENTS_SQL, start, now, size),
+                (
+                    self._fetch(_SESSIONS_SQL, since_hour, now, size)
+                    if size > HOUR
+                    else self._fetch(_SESSIONS_HOURLY_SQL, since_hour, now)
+                ),
+                self._fetch(_VISITORS_SQL, since_hour, now),
+                self._fetch(_FUNNEL_SQL, start, now),
+            )
+        )
 
     async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
         """One read-only query with room to hash its aggregates in memory."""

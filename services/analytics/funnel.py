@@ -149,6 +149,8 @@ def parse_request(request: analytics_pb2.GetFunnelReportRequest) -> tuple[Window
         raise invalid_argument(
             [("effectId", f"must be at most {MAX_EFFECT_ID_LENGTH} characters")], "invalid effect id"
         )
+    if "\x00" in effect_id:  # PostgreSQL text cannot hold NUL
+        raise invalid_argument([("effectId", "must not contain NUL (U+0000)")], "invalid effect id")
     return window, conversion, effect_id
 
 

@@ -30,7 +30,7 @@ import asyncpg
 from prometheus_client import Counter
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
-from .summary import Connection
+from services.servicekit.db import Connection
 
 log = logging.getLogger(__name__)
 

@@ -11,18 +11,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Final, TypeAlias
+from typing import Final
 
 import asyncpg
-from asyncpg.pool import PoolConnectionProxy
 
 from cosnap.monitoring.v1 import monitoring_pb2
+from services.servicekit.db import Connection
 from services.servicekit.errors import invalid_argument
 
 from . import histogram
 
-# A connection of its own or one from a pool.
-Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
 DEFAULT_WINDOW: Final = timedelta(hours=24)
 
 _ENDPOINTS_SQL = """

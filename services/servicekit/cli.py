@@ -12,7 +12,7 @@ from types import ModuleType
 from . import db
 from .config import ServiceSettings, load_settings
 from .logs import setup_logging
-from .server import ServiceApp
+from .server import ListenError, ServiceApp
 
 Wire = Callable[[ServiceApp], Awaitable[None]]
 
@@ -43,6 +43,9 @@ def main(service: ModuleType) -> None:
                 log.info("migrated", extra={"applied": applied})
             return
         asyncio.run(_serve(name, settings, migrations, service.wire))
+    except ListenError as exc:
+        log.error(str(exc))
+        raise SystemExit(1) from None
     except db.CONNECT_ERRORS as exc:
         log.error("cannot reach postgres", extra={"error": repr(exc)})
         raise SystemExit(1) from None

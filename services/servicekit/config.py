@@ -21,7 +21,10 @@ class ServiceSettings(BaseSettings):
         "postgresql://postgres@127.0.0.1:5432/postgres",
         description="PostgreSQL DSN (asyncpg).",
     )
-    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL (redis:// or unix://).")
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description="Redis URL: redis://, rediss://, unix://, or redis+cluster://host:port for a Redis Cluster.",
+    )
     db_schema: str = Field(
         "",
         pattern=r"^[a-z_][a-z0-9_]{0,62}$|^$",
@@ -34,6 +37,12 @@ class ServiceSettings(BaseSettings):
     auth_jwt_secret: str = Field("cosnap-development-secret-change-me!", min_length=32)
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR|debug|info|warning|error)$")
     shutdown_grace_seconds: float = Field(10.0, gt=0, le=300)
+    shutdown_drain_seconds: float = Field(
+        2.0, ge=0, le=60, description="After SIGTERM, at most this long serving on until arrivals pause."
+    )
+    max_concurrent_rpcs: int = Field(
+        512, ge=1, le=100_000, description="RPCs served at once; RESOURCE_EXHAUSTED beyond."
+    )
     db_pool_min: int = Field(1, ge=0, le=100)
     db_pool_max: int = Field(10, ge=1, le=200)
     db_connect_timeout_seconds: float = Field(

@@ -13,11 +13,16 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeAlias
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 log = logging.getLogger(__name__)
+
+# A plain connection or one acquired from a pool: every helper here takes either.
+Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
 
 _MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -72,7 +77,7 @@ async def create_pool(
         reraise=True,
         before_sleep=lambda rs: log.warning(
             "postgres unreachable, retrying",
-            extra={"attempt": rs.attempt_number, "error": str(rs.outcome.exception())},
+            extra={"attempt": rs.attempt_number, "error": str(rs.outcome and rs.outcome.exception())},
         ),
     ):
         with attempt:
@@ -86,7 +91,7 @@ async def create_pool(
     raise AssertionError("unreachable")
 
 
-async def migrate(conn: asyncpg.Connection, schema: str, migrations: list[Migration]) -> list[int]:
+async def migrate(conn: Connection, schema: str, migrations: list[Migration]) -> list[int]:
     """Apply the pending migrations to `schema`; returns the versions applied."""
     check_schema_name(schema)
     lock_key = int.from_bytes(hashlib.sha256(f"migrate:{schema}".encode()).digest()[:8], "big", signed=True)

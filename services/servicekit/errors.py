@@ -78,13 +78,12 @@ def unavailable(message: str) -> ServiceError:
 def bad_request_violations(error: grpc.aio.AioRpcError) -> list[tuple[str, str]]:
     """The field violations of a rich INVALID_ARGUMENT error (for callers and tests)."""
     for key, value in error.trailing_metadata() or ():
-        if key == "grpc-status-details-bin":
+        if key == "grpc-status-details-bin" and isinstance(value, bytes):
             status = status_pb2.Status.FromString(value)
-            out = []
+            out: list[tuple[str, str]] = []
             for detail in status.details:
-                if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-                    bad = error_details_pb2.BadRequest()
-                    detail.Unpack(bad)
+                bad = error_details_pb2.BadRequest()
+                if detail.Unpack(bad):  # False for details of another type
                     out += [(v.field, v.description) for v in bad.field_violations]
             return out
     return []

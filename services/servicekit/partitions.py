@@ -24,7 +24,7 @@ from datetime import UTC, date, datetime, timedelta
 
 import asyncpg
 
-from .db import check_schema_name
+from .db import Connection, check_schema_name
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ class DailyPartitions:
         """Create missing partitions only (a writer's answer to a row without one)."""
         return await self.run_once(retire=False)
 
-    async def _partitions(self, conn: asyncpg.Connection) -> dict[str, dict[date, str]]:
+    async def _partitions(self, conn: Connection) -> dict[str, dict[date, str]]:
         rows = await conn.fetch(
             """
             SELECT parent.relname AS parent, child.relname AS child

@@ -173,7 +173,7 @@ class MonitoringReporter:
 
     def __init__(
         self,
-        stub: monitoring_pb2_grpc.MonitoringServiceStub,
+        stub: monitoring_pb2_grpc.MonitoringServiceAsyncStub,
         service: str,
         instance: str,
         *,

@@ -6,6 +6,16 @@ health service (for "", "liveness" and each full service name), reflection
 and the service interceptor. On SIGTERM or SIGINT it turns health NOT_SERVING,
 refuses new RPCs, lets in-flight ones finish within the grace period, runs the
 shutdown hooks (flushing buffers), closes pools and returns.
+
+Overload: at most MAX_CONCURRENT_RPCS RPCs run at once; beyond that grpc answers
+RESOURCE_EXHAUSTED at once, before any work (the edge: 429 with Retry-After).
+
+Shutdown, in order: health turns NOT_SERVING; the server keeps taking and serving
+RPCs until none has arrived for a moment (at most SHUTDOWN_DRAIN_SECONDS), so calls
+already on their way are taken rather than dropped; then it stops taking RPCs (new
+ones get UNAVAILABLE) and gives those in flight SHUTDOWN_GRACE_SECONDS; only then
+are background tasks cancelled and the shutdown hooks run (the analytics committer
+keeps flushing until the last in-flight request is answered).
 """
 
 from __future__ import annotations
@@ -21,14 +31,11 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import grpc
-import redis.asyncio as aioredis
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import Gauge, start_http_server
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
 
 from cosnap.monitoring.v1 import monitoring_pb2_grpc
 
@@ -38,12 +45,55 @@ from .channels import service_channel
 from .clock import SYSTEM_CLOCK, Clock
 from .config import ServiceSettings
 from .interceptors import ServiceInterceptor, TimingSink
+from .redis_client import RedisClient, connect_redis
 from .reporter import MonitoringReporter, ReporterSettings, cache_counts, default_instance
 
 if TYPE_CHECKING:
     from .cache import MultiLevelCache
 
 log = logging.getLogger(__name__)
+
+# After SIGTERM, how long the server must see no new RPC before it stops taking them.
+DRAIN_QUIET_SECONDS = 0.1
+
+
+class ListenError(RuntimeError):
+    """A port the service must listen on cannot be bound (in use, or not allowed)."""
+
+
+SHUTTING_DOWN = "the service is shutting down: re-send the request"
+
+
+async def _refuse(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+    await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+
+
+class _Arrivals(grpc.aio.ServerInterceptor):
+    """Notes when the last RPC arrived, so shutdown can tell when arrivals stop; once
+    `refusing`, answers the services' new RPCs UNAVAILABLE (health and reflection go on)."""
+
+    def __init__(self, services: Callable[[], list[str]]) -> None:
+        self.last = 0.0
+        self.refusing = False
+        self._services = services
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        self.last = time.monotonic()
+        handler = await continuation(details)
+        if not self.refusing or handler is None:
+            return handler
+        if details.method.rpartition("/")[0][1:] not in self._services():
+            return handler
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                _refuse, request_deserializer=handler.request_deserializer
+            )
+        return grpc.unary_unary_rpc_method_handler(_refuse, request_deserializer=handler.request_deserializer)
+
 
 DEPENDENCY_UP = Gauge("service_dependency_up", "1 while a dependency answers.", ["dependency"])
 Hook = Callable[[], Awaitable[Any]]
@@ -58,7 +108,7 @@ class ServiceApp:
         self.redis_prefix = settings.redis_prefix or name
         self.migrations = migrations
         self.pool: asyncpg.Pool | None = None
-        self.redis: aioredis.Redis | None = None
+        self.redis: RedisClient | None = None
         self.health = health_aio.HealthServicer()
         self.port = 0
         self.metrics_port = 0
@@ -66,12 +116,14 @@ class ServiceApp:
         self.db_healthy = False
         self._services: list[tuple[ServiceDescriptor, Any, Callable[[Any, grpc.aio.Server], None]]] = []
         self._access: dict[str, Access] = {}
-        self._caches: list[MultiLevelCache] = []
+        self._caches: list[MultiLevelCache[Any]] = []
         self._shutdown_hooks: list[Hook] = []
         self._background: list[asyncio.Task[Any]] = []
         self._server: grpc.aio.Server | None = None
         self._metrics_server: Any = None
         self._stopping = asyncio.Event()
+        self._arrivals = _Arrivals(lambda: self.service_names)
+        self._db_watch: asyncio.Future[None] | None = None
         self.timing_sink: TimingSink | None = None
         # This service's own `service` token, for calling the others' internal RPCs.
         self.service_tokens = ServiceTokens(settings.auth_jwt_secret, name)
@@ -98,22 +150,18 @@ class ServiceApp:
             async with self.pool.acquire() as conn:
                 await db.migrate(conn, self.schema, db.load_migrations(self.migrations))
         self.db_healthy = True
-        # One quick retry: after a Redis restart each pooled socket fails once.
-        self.redis = aioredis.Redis.from_url(
-            s.redis_url,
-            socket_timeout=1.0,
-            socket_connect_timeout=1.0,
-            health_check_interval=15,
-            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=1),
-        )
+        # One Redis or a Redis Cluster (redis+cluster://), by the URL's scheme.
+        self.redis = connect_redis(s.redis_url)
 
-    async def cache(self, name: str, **options: Any) -> MultiLevelCache:
+    async def cache(self, name: str, **options: Any) -> MultiLevelCache[Any]:
         """A named multi-level cache under this service's key prefix."""
         from .cache import MultiLevelCache
 
         assert self.redis is not None, "connect() first"
         options.setdefault("clock", self.clock)
-        cache = MultiLevelCache(self.redis, prefix=self.redis_prefix, name=name, **options)
+        cache: MultiLevelCache[Any] = MultiLevelCache(
+            self.redis, prefix=self.redis_prefix, name=name, **options
+        )
         await cache.start()
         self._caches.append(cache)
         return cache
@@ -124,7 +172,7 @@ class ServiceApp:
         return [descriptor.full_name for descriptor, _, _ in self._services]
 
     @property
-    def caches(self) -> list[MultiLevelCache]:
+    def caches(self) -> list[MultiLevelCache[Any]]:
         return list(self._caches)
 
     def add_service(
@@ -183,7 +231,11 @@ class ServiceApp:
             ("grpc.so_reuseport", 0),
         ]
         self._interceptor = ServiceInterceptor(self._access, s.auth_jwt_secret, self._timing)
-        self._server = grpc.aio.server(interceptors=[self._interceptor], options=options)
+        self._server = grpc.aio.server(
+            interceptors=[self._arrivals, self._interceptor],
+            options=options,
+            maximum_concurrent_rpcs=s.max_concurrent_rpcs,
+        )
         names = [
             reflection.SERVICE_NAME,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
@@ -193,15 +245,23 @@ class ServiceApp:
             names.append(descriptor.full_name)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(names, self._server)
-        self.port = self._server.add_insecure_port(f"{s.grpc_host}:{s.grpc_port}")
+        try:
+            self.port = self._server.add_insecure_port(f"{s.grpc_host}:{s.grpc_port}")
+        except RuntimeError:
+            self.port = 0
         if self.port == 0:
-            raise RuntimeError(f"cannot listen on {s.grpc_host}:{s.grpc_port}")
+            raise ListenError(f"cannot listen on {s.grpc_host}:{s.grpc_port} (GRPC_PORT): the port is in use")
+        try:
+            self._metrics_server, _ = start_http_server(s.metrics_port, addr=s.grpc_host)
+        except OSError as exc:
+            raise ListenError(
+                f"cannot listen on {s.grpc_host}:{s.metrics_port} (METRICS_PORT): {exc.strerror}"
+            ) from None
+        self.metrics_port = self._metrics_server.server_port
         await self._server.start()
         await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         await self._set_ready(True)
-        self._metrics_server, _ = start_http_server(s.metrics_port, addr=s.grpc_host)
-        self.metrics_port = self._metrics_server.server_port
-        self.run_in_background(self._watch_database(), "watch-database")
+        self._db_watch = asyncio.ensure_future(self._watch_database())
         self.run_in_background(self._watch_redis(), "watch-redis")
         self._start_reporter()
         log.info(
@@ -276,8 +336,13 @@ class ServiceApp:
         conn: asyncpg.Connection | None = None
         failures = 0
         try:
-            while True:
-                await asyncio.sleep(interval)
+            # Ends at shutdown between checks (never cancelled inside a query, which would
+            # leave asyncpg's cancel request running past the end of the loop).
+            while not self._stopping.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), interval)
+                if self._stopping.is_set():
+                    break
                 try:
                     if conn is None or conn.is_closed():
                         conn = await asyncpg.connect(self.settings.database_url, timeout=interval)
@@ -331,7 +396,10 @@ class ServiceApp:
         log.info("shutting down", extra={"grace_seconds": self.settings.shutdown_grace_seconds})
         await self.health.enter_graceful_shutdown()
         if self._server is not None:
+            await self._drain()
             await self._server.stop(self.settings.shutdown_grace_seconds)
+        if self._db_watch is not None:
+            await self._db_watch
         for task in self._background:
             task.cancel()
         for task in self._background:
@@ -353,9 +421,47 @@ class ServiceApp:
         if self.pool is not None:
             await self.pool.close()
         if self._metrics_server is not None:
-            self._metrics_server.shutdown()
+            # shutdown() waits for the server thread's next poll: not on the loop.
+            await asyncio.to_thread(self._metrics_server.shutdown)
             self._metrics_server.server_close()
         log.info("stopped")
+
+    async def _drain(self) -> None:
+        """Before the server stops taking RPCs. Calls a client sent before SIGTERM may
+        still wait inside gRPC to be taken; stopping now would drop them (CANCELLED).
+        So: keep serving until no RPC has arrived for DRAIN_QUIET_SECONDS; then answer
+        new RPCs UNAVAILABLE (clients re-send elsewhere) until those in flight are
+        done and none has arrived for DRAIN_QUIET_SECONDS, each phase at most
+        SHUTDOWN_DRAIN_SECONDS. What still arrives after that
+        meets a stopped server."""
+        started = time.monotonic()
+        limit = self.settings.shutdown_drain_seconds
+        deadline = started + limit
+        while True:
+            now = time.monotonic()
+            quiet = now - max(self._arrivals.last, started)
+            if quiet >= DRAIN_QUIET_SECONDS or now >= deadline:
+                break
+            await asyncio.sleep(min(DRAIN_QUIET_SECONDS - quiet, deadline - now))
+        self._arrivals.refusing = True
+        drained = time.monotonic()
+        deadline = drained + limit
+        # Until those in flight are done and every client that kept sending was told.
+        while time.monotonic() < deadline and (  # noqa: ASYNC110 (counters, no event)
+            self._in_flight() > 0 or time.monotonic() - self._arrivals.last < DRAIN_QUIET_SECONDS
+        ):
+            await asyncio.sleep(0.01)
+        log.info(
+            "drained",
+            extra={
+                "serving_seconds": round(drained - started, 3),
+                "refusing_seconds": round(time.monotonic() - drained, 3),
+                "in_flight": self._in_flight(),
+            },
+        )
+
+    def _in_flight(self) -> int:
+        return self.in_flight
 
     async def serve_forever(self) -> None:
         """Start, wait for SIGTERM or SIGINT, shut down gracefully."""

@@ -9,7 +9,7 @@ from google.rpc import status_pb2
 
 from gateway.app import choose_encoding, parse_query
 from gateway.routes import load_descriptors
-from gateway.status import StatusRenderer
+from gateway.status import Rendered, StatusRenderer
 from tests.support import ROOT
 
 DETAILS = "grpc-status-details-bin"
@@ -24,7 +24,7 @@ def test_undecodable_details_fall_back_to_plain_status(renderer: StatusRenderer)
     unknown = any_pb2.Any(type_url="type.googleapis.com/x.Unknown", value=b"\x08\x01")
     status = status_pb2.Status(code=3, message="rich", details=[unknown])
     code = grpc.StatusCode.INVALID_ARGUMENT
-    plain = (400, b'{"code":3,"message":"plain"}')
+    plain = Rendered(400, b'{"code":3,"message":"plain"}', True)
     assert renderer.render(code, "plain", [(DETAILS, status.SerializeToString())]) == plain
     assert renderer.render(code, "plain", [(DETAILS, b"\xff\xff")]) == plain
 
@@ -36,7 +36,8 @@ def test_details_with_a_different_code_are_ignored(renderer: StatusRenderer) -> 
         "boom",
         [(DETAILS, status.SerializeToString())],
     )
-    assert result == (500, b'{"code":13,"message":"boom"}')
+    # Not the service's rich status: the library's words are replaced.
+    assert result == Rendered(500, b'{"code":13,"message":"internal error"}', False)
 
 
 def test_details_without_extra_details_render_as_status(renderer: StatusRenderer) -> None:
@@ -46,7 +47,7 @@ def test_details_without_extra_details_render_as_status(renderer: StatusRenderer
         "x",
         [("other", "v"), (DETAILS, status.SerializeToString())],
     )
-    assert result == (403, b'{"code":7,"message":"admins only"}')
+    assert result == Rendered(403, b'{"code":7,"message":"admins only"}', True)
 
 
 @pytest.mark.parametrize(

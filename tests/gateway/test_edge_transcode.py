@@ -267,7 +267,7 @@ def test_path_variable_into_nested_enum(table: RouteTable, transcoder: Transcode
     ("url", "problem"),
     [
         ("/v1/things/t1?level=LEVEL_HUGE", "level"),
-        ("/v1/things/t1?pageSize=1.5", "page_size"),
+        ("/v1/things/t1?pageSize=1.5", "pageSize"),
         ("/v1/things/t1?inner.flag=maybe", "inner.flag"),
         ("/v1/things/t1?inners.flag=true", "repeated"),  # repeated messages: no query params
         ("/v1/things/t1?inner=x", "message"),

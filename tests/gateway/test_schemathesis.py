@@ -23,6 +23,7 @@ import pytest
 from services.analytics import app as analytics
 from services.effects import app as effects
 from services.monitoring import app as monitoring
+from tools.runninghub_sim import SimConfig, running_sim
 
 SCHEMATHESIS = shutil.which("schemathesis", path=str(Path(sys.executable).parent))
 CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"
@@ -57,11 +58,28 @@ async def test_schemathesis_finds_no_server_error_and_no_schema_violation(
     if SCHEMATHESIS is None:
         pytest.skip("schemathesis is not installed (dev extra)")
     watcher = await start_service(monitoring)
+    # effects behind RunningHub's simulator (without one its region answers 503 to every upload)
+    sims = [running_sim(region, SimConfig.fast()) for region in ("cn", "global")]
+    cn, world = [await sim.__aenter__() for sim in sims]
     apps = [
         await start_service(analytics, monitoring_addr=f"127.0.0.1:{watcher.port}"),
-        await start_service(effects),
+        await start_service(
+            effects,
+            runninghub_cn_url=cn.url,
+            runninghub_cn_api_key="schemathesis-cn-key",
+            runninghub_global_url=world.url,
+            runninghub_global_api_key="schemathesis-global-key",
+        ),
         watcher,
     ]
+    try:
+        await _run(apps, start_edge, admin_token, tmp_path)
+    finally:
+        for sim in sims:
+            await sim.__aexit__(None, None, None)
+
+
+async def _run(apps: list[Any], start_edge: Any, admin_token: str, tmp_path: Path) -> None:
     base = await start_edge(*apps)
     async with aiohttp.ClientSession() as session, session.get(f"{base}/api/openapi.json") as response:
         document = await response.json()

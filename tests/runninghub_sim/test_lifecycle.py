@@ -253,6 +253,8 @@ async def test_cancel(sim: RunningSim, api: Api, session: aiohttp.ClientSession)
     assert failed["data"]["failedReason"]["exception_type"] == "InterruptProcessingException"
     assert (await api.post("/task/openapi/cancel", taskId=task_id))["code"] == 0  # already ended: no change
     assert (await api.post("/task/openapi/cancel", taskId="1904000000000000001"))["code"] == 807
+    sim.sim.config = sim.sim.config.updated({"taskNotFoundCode": 423})
+    assert (await api.post("/task/openapi/cancel", taskId="1904000000000000001"))["code"] == 423
 
 
 async def test_webapp_config(sim: RunningSim, api: Api, session: aiohttp.ClientSession) -> None:

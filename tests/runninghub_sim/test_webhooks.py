@@ -146,3 +146,27 @@ async def test_validation_failures_send_no_webhook(
     await hook.wait_for(1)
     await asyncio.sleep(0.1)
     assert len(hook.received) == 1
+
+
+async def test_dropped_and_delayed_webhooks(
+    session: aiohttp.ClientSession, receiver: tuple[Receiver, str]
+) -> None:
+    hook, url = receiver
+    async with running_sim(config=SimConfig.fast(webhook_drop_rate=1.0)) as sim:
+        api = Api(session, sim.url)
+        task_id = await api.started(webhookUrl=url)
+        for _ in range(200):
+            if sim.sim.counters()["webhooks"]["webhooks_dropped"]:
+                break
+            await asyncio.sleep(0.01)
+        assert sim.sim.counters()["webhooks"]["webhooks_dropped"] == 1
+        assert (await api.post("/task/openapi/status", taskId=task_id))["data"] == "SUCCESS"
+        assert hook.received == [] and sim.sim.counters()["webhooks"]["webhook_attempts"] == 0
+        sim.sim.config = sim.sim.config.updated({"webhookDropRate": 0, "webhookDelaySeconds": 3600})
+        held = await api.started(webhookUrl=url)
+        for _ in range(200):  # the task ends and its delivery is queued, but held back
+            if sim.sim.webhooks.deliveries.get(held):
+                break
+            await asyncio.sleep(0.01)
+        [delivery] = sim.sim.webhooks.deliveries[held]
+        assert (delivery.status, delivery.attempts) == ("PENDING", 0) and hook.received == []

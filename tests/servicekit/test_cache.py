@@ -1,5 +1,7 @@
-"""MultiLevelCache against real Redis: the shared one (TEST_REDIS_URL) and private redis-servers.
-Expiry runs on a ManualClock: no test waits for an entry to expire."""
+"""MultiLevelCache against real Redis: the shared one (TEST_REDIS_URL), a local Redis Cluster
+(three masters started once per session; every test not about a single server's outage runs
+against both) and private redis-servers. Expiry runs on a ManualClock: no test waits for an
+entry to expire."""
 
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ from redis.backoff import NoBackoff
 from services.servicekit.cache import CACHE_REQUESTS, MultiLevelCache, bytes_passthrough
 from services.servicekit.cache.codec import unwrap
 from services.servicekit.clock import ManualClock
+from services.servicekit.redis_client import RedisClient, connect_redis
+from tests.servicekit.redis_cluster import RedisCluster
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 RUN_PREFIX = f"test-{uuid4().hex[:8]}"
@@ -114,9 +118,26 @@ class RedisServer:
         self.proc = None
 
 
-@pytest.fixture
-async def redis_client() -> AsyncIterator[aioredis.Redis]:
-    client = _client(REDIS_URL)
+SINGLE_ONLY = pytest.mark.parametrize("redis_client", ["single"], indirect=True)
+
+
+@pytest.fixture(scope="session")
+async def cluster() -> AsyncIterator[RedisCluster]:
+    """Three masters on free ports, started once (about a second)."""
+    server = RedisCluster()
+    try:
+        await server.start()
+        yield server
+    finally:
+        await server.stop()
+
+
+@pytest.fixture(params=["single", "cluster"])
+async def redis_client(request: pytest.FixtureRequest, cluster: RedisCluster) -> AsyncIterator[RedisClient]:
+    if request.param == "cluster":
+        client = connect_redis(cluster.url, socket_timeout=0.5, socket_connect_timeout=0.5)
+    else:
+        client = _client(REDIS_URL)
     yield client
     keys = [k async for k in client.scan_iter(match=f"{RUN_PREFIX}:*", count=1000)]
     if keys:
@@ -133,11 +154,11 @@ async def private_redis() -> AsyncIterator[RedisServer]:
 
 
 @pytest.fixture
-async def make_cache(redis_client: aioredis.Redis) -> AsyncIterator[Callable[..., Any]]:
+async def make_cache(redis_client: RedisClient) -> AsyncIterator[Callable[..., Any]]:
     """Factory of started caches (closed at teardown); default client is the shared Redis."""
     caches: list[MultiLevelCache[Any]] = []
 
-    async def make(name: str, *, client: aioredis.Redis | None = None, **kwargs: Any) -> MultiLevelCache[Any]:
+    async def make(name: str, *, client: RedisClient | None = None, **kwargs: Any) -> MultiLevelCache[Any]:
         kwargs.setdefault("l2_timeout", 0.5)
         kwargs.setdefault("retry_backoff", 0.1)
         kwargs.setdefault("retry_backoff_max", 0.3)
@@ -158,6 +179,7 @@ def _name() -> str:
     return f"c{uuid4().hex[:6]}"
 
 
+@SINGLE_ONLY
 async def test_l1_hit_does_not_touch_redis(private_redis: RedisServer, make_cache: Any) -> None:
     client = _client(private_redis.url)
     try:
@@ -186,7 +208,7 @@ async def test_l1_hit_does_not_touch_redis(private_redis: RedisServer, make_cach
         await client.aclose()
 
 
-async def test_l2_hit_from_a_second_instance(make_cache: Any, redis_client: aioredis.Redis) -> None:
+async def test_l2_hit_from_a_second_instance(make_cache: Any, redis_client: RedisClient) -> None:
     name = _name()
     a = await make_cache(name)
     b = await make_cache(name)
@@ -203,7 +225,7 @@ async def test_l2_hit_from_a_second_instance(make_cache: Any, redis_client: aior
     assert await redis_client.exists(f"{RUN_PREFIX}:cache.v2:{name}:k") == 1
 
 
-async def test_ttl_callable_per_value_in_l1_and_l2(make_cache: Any, redis_client: aioredis.Redis) -> None:
+async def test_ttl_callable_per_value_in_l1_and_l2(make_cache: Any, redis_client: RedisClient) -> None:
     clock = ManualClock()
     cache = await make_cache(_name(), clock=clock)
 
@@ -252,7 +274,7 @@ async def test_ttl_callable_per_value_in_l1_and_l2(make_cache: Any, redis_client
     assert await third.get("s") is None
 
 
-async def test_l1_ttl_caps_the_entry_ttl(make_cache: Any, redis_client: aioredis.Redis) -> None:
+async def test_l1_ttl_caps_the_entry_ttl(make_cache: Any, redis_client: RedisClient) -> None:
     clock = ManualClock()
     cache = await make_cache(_name(), l1_ttl=0.2, clock=clock)
     loader = Loader("x")
@@ -309,7 +331,7 @@ async def test_cancelling_one_waiter_does_not_cancel_the_load(make_cache: Any) -
     assert await cache.get("k") == "v"
 
 
-async def test_invalidation_reaches_other_instances(make_cache: Any, redis_client: aioredis.Redis) -> None:
+async def test_invalidation_reaches_other_instances(make_cache: Any, redis_client: RedisClient) -> None:
     name = _name()
     a = await make_cache(name)
     b = await make_cache(name)
@@ -353,7 +375,7 @@ async def test_invalidation_during_load_is_not_overwritten(make_cache: Any) -> N
     assert await cache.get("k") is None  # ... but it is not cached
 
 
-async def test_l1_lru_bound(make_cache: Any, redis_client: aioredis.Redis) -> None:
+async def test_l1_lru_bound(make_cache: Any, redis_client: RedisClient) -> None:
     cache = await make_cache(_name(), l1_max_entries=3)
     for key in ("a", "b", "c"):
         await cache.set(key, key, ttl=30)
@@ -365,7 +387,7 @@ async def test_l1_lru_bound(make_cache: Any, redis_client: aioredis.Redis) -> No
     assert [await cache.get(k) for k in ("a", "c", "d")] == ["a", "c", "d"]
 
 
-async def test_bytes_passthrough(make_cache: Any, redis_client: aioredis.Redis) -> None:
+async def test_bytes_passthrough(make_cache: Any, redis_client: RedisClient) -> None:
     name = _name()
     a = await make_cache(name, serializer=bytes_passthrough, deserializer=bytes_passthrough)
     b = await make_cache(name, serializer=bytes_passthrough, deserializer=bytes_passthrough)
@@ -374,6 +396,7 @@ async def test_bytes_passthrough(make_cache: Any, redis_client: aioredis.Redis) 
     assert await b.get("png") == b"\x89PNG\x00\xff"
 
 
+@SINGLE_ONLY
 async def test_redis_outage_and_recovery(
     private_redis: RedisServer, make_cache: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -432,6 +455,7 @@ async def test_redis_outage_and_recovery(
             await client.aclose()
 
 
+@SINGLE_ONLY
 async def test_stalled_redis_times_out_and_invalidations_are_replayed(
     private_redis: RedisServer, make_cache: Any
 ) -> None:
@@ -468,6 +492,7 @@ async def test_stalled_redis_times_out_and_invalidations_are_replayed(
             await client.aclose()
 
 
+@SINGLE_ONLY
 async def test_start_while_redis_is_down_then_recover(private_redis: RedisServer, make_cache: Any) -> None:
     await private_redis.kill()
     client = _client(private_redis.url)
@@ -496,7 +521,7 @@ def test_rejects_decoding_client() -> None:
         MultiLevelCache(client, prefix=RUN_PREFIX, name="x")
 
 
-async def test_values_not_in_the_envelope_are_misses(make_cache: Any, redis_client: aioredis.Redis) -> None:
+async def test_values_not_in_the_envelope_are_misses(make_cache: Any, redis_client: RedisClient) -> None:
     """A bare value (an older version's, or anything else) in a cache key is a miss, never an error."""
     cache = await make_cache(_name())
     for raw in (b'"bare json"', b"", b"\x02short", cache.encode("x", 30)[:-1]):
@@ -505,3 +530,61 @@ async def test_values_not_in_the_envelope_are_misses(make_cache: Any, redis_clie
     loader = Loader("fresh")
     assert await cache.get_or_load("k", loader, ttl=30) == "fresh" and loader.calls == 1
     assert stored(await redis_client.get(cache.redis_key("k"))) == b'"fresh"'
+
+
+@SINGLE_ONLY  # makes its own cluster client
+async def test_cluster_spreads_keys_and_invalidates_on_every_master(
+    cluster: RedisCluster, make_cache: Any
+) -> None:
+    client = connect_redis(cluster.url, socket_timeout=0.5, socket_connect_timeout=0.5)
+    try:
+        assert isinstance(client, aioredis.RedisCluster)
+        name = _name()
+        a = await make_cache(name, client=client)
+        b = await make_cache(name, client=client)
+        keys = [f"user:{i}" for i in range(30)]
+        for key in keys:
+            await a.set(key, key, ttl=60)
+        masters = {client.get_node_from_key(a.redis_key(k)).name for k in keys}
+        assert len(masters) == 3  # one cache's keys spread over the cluster (no shared hash tag)
+        assert [await b.get(k) for k in keys] == keys
+        await b.invalidate_prefix("user:")  # SCAN and UNLINK on every master
+        assert await client.exists(*(a.redis_key(k) for k in keys)) == 0
+        await _eventually(lambda: a.stats()["invalidations_received"] == 1)
+        assert a.stats()["l1_size"] == 0
+        # The channel is a shard channel: SPUBLISH reaches the subscribers, PUBLISH does not.
+        node = client.get_node_from_key(a.channel)
+        counts = await client.execute_command("PUBSUB SHARDNUMSUB", a.channel, target_nodes=node)
+        assert [(bytes(c), int(n)) for c, n in counts] == [(a.channel.encode(), 2)]
+        await a.close()
+        await b.close()
+    finally:
+        await client.aclose()
+
+
+@SINGLE_ONLY  # the parameter is the shared fixtures' Redis; the service uses the cluster
+async def test_a_service_on_a_cluster_url(cluster: RedisCluster, start_service: Any) -> None:
+    from services.monitoring import app as monitoring_app
+
+    app = await start_service(monitoring_app, redis_url=cluster.url)
+    assert isinstance(app.redis, aioredis.RedisCluster)
+    one = await app.cache("things")
+    other = MultiLevelCache(app.redis, prefix=app.redis_prefix, name="things")
+    await other.start()
+    try:
+        await one.set("k", {"v": 1}, ttl=30)
+        assert await other.get("k") == {"v": 1}
+        await one.set("k", {"v": 2}, ttl=30)
+        await _eventually(lambda: other.stats()["invalidations_received"] == 2)  # each set() broadcasts
+        assert await other.get("k") == {"v": 2}
+    finally:
+        await other.close()
+
+
+async def test_rejects_decoding_cluster_client(cluster: RedisCluster) -> None:
+    client = connect_redis(cluster.url, decode_responses=True)
+    try:
+        with pytest.raises(ValueError, match="decode_responses"):
+            MultiLevelCache(client, prefix=RUN_PREFIX, name="x")
+    finally:
+        await client.aclose()

@@ -24,12 +24,15 @@ class SimConfig:
     webhook_retry_delay_seconds: float = 2.0  # doubled after each failed attempt
     webhook_timeout_seconds: float = 5.0
     webhook_duplicate_rate: float = 0.0  # share of deliveries sent twice
+    webhook_drop_rate: float = 0.0  # share of TASK_END events never sent (the task ends silently)
+    webhook_delay_seconds: float = 0.0  # before the first attempt
     webhook_on_validation_failure: bool = False  # a task refused by validation never ran: no TASK_END
     allow_external_webhooks: bool = False  # only loopback webhook URLs unless set
     default_concurrency: int = 50  # keys registered on first use (enterprise-like)
     default_coins: int = 1_000_000
     open_keys: bool = True  # any well-formed key is accepted and registered on first use
     max_upload_bytes: int = 30 * 1024 * 1024
+    task_not_found_code: int = 807  # some copies of the documentation say 423
     hang_seconds: float = 600.0  # how long an injected timeout holds the connection
     seed: int = 0
 
@@ -62,6 +65,8 @@ class SimConfig:
                     raise ValueError(f"{raw_key} must be an integer")
                 if value < 0:
                     raise ValueError(f"{raw_key} must not be negative")
+                if key == "task_not_found_code" and value not in (807, 423):
+                    raise ValueError(f"{raw_key} must be 807 or 423")
             else:
                 if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
                     raise ValueError(f"{raw_key} must be a finite number")

@@ -223,5 +223,37 @@ WEBAPPS: dict[str, Webapp] = {
 }
 
 
+# ComfyUI workflows (for /task/openapi/create), shaped like webapps.
+WORKFLOWS: dict[str, Webapp] = {
+    "1904136902449209346": Webapp(
+        "1904136902449209346",
+        "text-to-image workflow",
+        ("cn", "global"),
+        (
+            {
+                "nodeId": "6",
+                "nodeName": "CLIPTextEncode",
+                "fieldName": "text",
+                "fieldType": "STRING",
+                "fieldData": "",
+            },
+            {"nodeId": "3", "nodeName": "KSampler", "fieldName": "seed", "fieldType": "INT", "fieldData": ""},
+            {
+                "nodeId": "3",
+                "nodeName": "KSampler",
+                "fieldName": "steps",
+                "fieldType": "INT",
+                "fieldData": "",
+            },
+        ),
+        (("9", "png"),),
+        coins=6,
+    ),
+    # Saved but never run on the website: creates answer 810.
+    "1990000000000000810": Webapp("1990000000000000810", "never run workflow", ("cn", "global"), (), ()),
+}
+NEVER_RUN_WORKFLOWS = {"1990000000000000810"}
+
+
 def webapps_for(region: str) -> dict[str, Webapp]:
     return {k: w for k, w in WEBAPPS.items() if region in w.regions}

@@ -18,7 +18,7 @@ from tools.runninghub_sim import codes
 from tools.runninghub_sim.codes import Reply, dumps
 from tools.runninghub_sim.config import SimConfig
 from tools.runninghub_sim.faults import Faults
-from tools.runninghub_sim.fixtures import WEBAPPS, Webapp, webapps_for
+from tools.runninghub_sim.fixtures import NEVER_RUN_WORKFLOWS, WORKFLOWS, Webapp, webapps_for
 from tools.runninghub_sim.tasks import (
     FAILED,
     QUEUED,
@@ -36,37 +36,6 @@ from tools.runninghub_sim.webhooks import Webhooks
 log = logging.getLogger("runninghub_sim")
 
 _KEY = re.compile(r"^[A-Za-z0-9_\-]{8,128}$")
-
-# ComfyUI workflows (for /task/openapi/create), shaped like webapps.
-WORKFLOWS: dict[str, Webapp] = {
-    "1904136902449209346": Webapp(
-        "1904136902449209346",
-        "text-to-image workflow",
-        ("cn", "global"),
-        (
-            {
-                "nodeId": "6",
-                "nodeName": "CLIPTextEncode",
-                "fieldName": "text",
-                "fieldType": "STRING",
-                "fieldData": "",
-            },
-            {"nodeId": "3", "nodeName": "KSampler", "fieldName": "seed", "fieldType": "INT", "fieldData": ""},
-            {
-                "nodeId": "3",
-                "nodeName": "KSampler",
-                "fieldName": "steps",
-                "fieldType": "INT",
-                "fieldData": "",
-            },
-        ),
-        (("9", "png"),),
-        coins=6,
-    ),
-    # Saved but never run on the website: creates answer 810.
-    "1990000000000000810": Webapp("1990000000000000810", "never run workflow", ("cn", "global"), (), ()),
-}
-NEVER_RUN_WORKFLOWS = {"1990000000000000810"}
 
 
 class Simulator:
@@ -117,7 +86,13 @@ class Simulator:
             "tasksCreated": sum(self.creates_by_key.values()),
             "webhooks": {
                 k: self.events[k]
-                for k in ("webhook_attempts", "webhooks_delivered", "webhooks_failed", "webhooks_refused")
+                for k in (
+                    "webhook_attempts",
+                    "webhooks_delivered",
+                    "webhooks_failed",
+                    "webhooks_refused",
+                    "webhooks_dropped",
+                )
             },
             "events": dict(self.events),
         }
@@ -188,7 +163,7 @@ class Simulator:
             task_id = str(task_id)
         task = self.tasks.get(task_id) if isinstance(task_id, str) else None
         if task is None or task.key != key:
-            raise Reply(codes.APIKEY_TASK_NOT_FOUND)
+            raise Reply(self.config.task_not_found_code)
         return task
 
     def create(self, account: Account, kind: str, body: dict[str, Any], files_base: str) -> dict[str, Any]:
@@ -373,6 +348,10 @@ class Simulator:
     def send_webhook(self, task: Task) -> None:
         if not task.webhook_url:
             return
+        if self.rand.random() < self.config.webhook_drop_rate:
+            self.count("webhooks_dropped")
+            log.info("webhook dropped", extra={"task_id": task.task_id})
+            return
         copies = 2 if self.rand.random() < self.config.webhook_duplicate_rate else 1
         self.webhooks.send(task.task_id, task.webhook_url, self.event_data(task), copies)
 
@@ -395,7 +374,3 @@ class Simulator:
             with contextlib.suppress(BaseException):
                 await watcher
         await self.webhooks.close()
-
-
-def all_webapp_ids() -> list[str]:
-    return sorted(WEBAPPS)

@@ -136,7 +136,12 @@ def prompt_tips(app: Webapp, overrides: dict[tuple[str, str], Any], uploaded: se
             }
         )
     if not node_errors:
-        tips = {"result": True, "error": None, "outputs_to_execute": outputs, "node_errors": {}}
+        tips: dict[str, Any] = {
+            "result": True,
+            "error": None,
+            "outputs_to_execute": outputs,
+            "node_errors": {},
+        }
         return json.dumps(tips), True
     tips = {
         "result": False,

@@ -93,6 +93,8 @@ class Webhooks:
     async def _deliver(self, delivery: Delivery) -> None:
         config = self._config()
         payload = dumps({"event": "TASK_END", "taskId": delivery.task_id, "eventData": delivery.event_data})
+        if config.webhook_delay_seconds:
+            await asyncio.sleep(config.webhook_delay_seconds)
         delay = config.webhook_retry_delay_seconds
         for attempt in range(config.webhook_retries + 1):
             if attempt:

@@ -7,6 +7,11 @@ not subscribed are lost).
 
 The subscriber paces real network I/O (poll, ping, reconnect), so it runs on
 real time whatever clock the cache was given.
+
+Against a Redis Cluster the channel is a shard channel (Redis 7 sharded
+pub/sub: ``SPUBLISH`` / ``SSUBSCRIBE``): it lives on the master owning its
+slot, every subscriber of every replica connects there, and a message costs
+that shard only instead of a broadcast over the whole cluster bus.
 """
 
 from __future__ import annotations
@@ -17,11 +22,11 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final
 
-import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from ..redis_client import RedisClient, is_cluster
 from .l1 import MISSING
 from .redis_state import L2_ERRORS, RedisLink
 
@@ -50,7 +55,7 @@ class Invalidations:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: RedisClient,
         link: RedisLink,
         *,
         channel: str,
@@ -60,6 +65,7 @@ class Invalidations:
         drop_prefix: Callable[[str], None],
     ) -> None:
         self._redis = redis
+        self._cluster = is_cluster(redis)
         self._link = link
         self.channel = channel
         self._key_prefix = key_prefix
@@ -99,6 +105,19 @@ class Invalidations:
 
     # ------------------------------------------------------------------ Redis side
 
+    def publish_in(self, pipe: Any, message: bytes) -> None:
+        """Queue the broadcast of ``message`` in a pipeline."""
+        if self._cluster:
+            pipe.spublish(self.channel, message)
+        else:
+            pipe.publish(self.channel, message)
+
+    async def publish(self, message: bytes) -> None:
+        if self._cluster:
+            await self._redis.spublish(self.channel, message)
+        else:
+            await self._redis.publish(self.channel, message)
+
     async def delete_prefix(self, key_prefix: str) -> None:
         """Delete every entry under ``key_prefix`` in Redis and broadcast it (raises on errors)."""
         match = glob_escape(self._key_prefix + key_prefix) + "*"
@@ -110,7 +129,7 @@ class Invalidations:
                 batch.clear()
         if batch:
             await self._redis.unlink(*batch)
-        await self._redis.publish(self.channel, self.message(prefix=key_prefix))
+        await self.publish(self.message(prefix=key_prefix))
 
     # ------------------------------------------------------------------ replay
 
@@ -142,7 +161,7 @@ class Invalidations:
                 async with self._redis.pipeline(transaction=False) as pipe:
                     for key in keys:
                         pipe.delete(self._key_prefix + key)
-                        pipe.publish(self.channel, self.message(key=key))
+                        self.publish_in(pipe, self.message(key=key))
                     await pipe.execute()
 
         if await self._link.call(op) is MISSING:
@@ -172,29 +191,36 @@ class Invalidations:
         backoff = link.backoff_initial
         first = True
         while not self._closing:
-            pubsub = self._redis.pubsub()
+            pubsub: Any = self._redis.pubsub()
             try:
                 async with asyncio.timeout(link.timeout):
-                    await pubsub.subscribe(self.channel)
+                    if self._cluster:
+                        await self._redis.initialize()  # type: ignore[union-attr]  # the slot map
+                        await pubsub.ssubscribe(self.channel)
+                    else:
+                        await pubsub.subscribe(self.channel)
                 last_read = time.monotonic()
                 ping_sent: float | None = None
                 while not self._closing:
                     # The bound also covers redis-py's own reconnect attempts inside the read.
                     async with asyncio.timeout(PUBSUB_POLL + (link.timeout or PUBSUB_POLL)):
-                        msg = await pubsub.get_message(timeout=PUBSUB_POLL)
+                        if self._cluster:
+                            msg = await pubsub.get_sharded_message(timeout=PUBSUB_POLL)
+                        else:
+                            msg = await pubsub.get_message(timeout=PUBSUB_POLL)
                     now = time.monotonic()
                     if msg is None:
                         if ping_sent is not None and now - ping_sent > PUBSUB_PING_EVERY:
                             raise RedisConnectionError("no answer to PING on the subscription")
                         if ping_sent is None and now - last_read > PUBSUB_PING_EVERY:
-                            await pubsub.ping()
+                            await _ping(pubsub, self._cluster)
                             ping_sent = now
                     else:
                         last_read, ping_sent = now, None
                         kind = msg["type"]
-                        if kind == "message":
+                        if kind in ("message", "smessage"):
                             self.on_message(msg["data"])
-                        elif kind == "subscribe":  # first subscription or redis-py reconnect
+                        elif kind in ("subscribe", "ssubscribe"):  # first subscription or a reconnect
                             if not first:
                                 self._drop_prefix("")
                             first = False
@@ -221,3 +247,12 @@ class Invalidations:
                 return
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, link.backoff_max)
+
+
+async def _ping(pubsub: Any, cluster: bool) -> None:
+    """PING the subscription's connection(s); the answer arrives as a message."""
+    if cluster:  # the shard channel's node connection(s)
+        for node_pubsub in list(pubsub.node_pubsub_mapping.values()):
+            await node_pubsub.ping()
+    else:
+        await pubsub.ping()

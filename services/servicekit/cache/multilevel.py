@@ -11,10 +11,10 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar, cast
 
-import redis.asyncio as aioredis
 from google.protobuf.message import Message
 
 from ..clock import SYSTEM_CLOCK, Clock
+from ..redis_client import RedisClient
 from .codec import Deserializer, Serializer, json_deserializer, json_serializer, unwrap, wrap
 from .invalidation import Invalidations
 from .l1 import L1, MISSING
@@ -40,7 +40,8 @@ class MultiLevelCache(Generic[T]):
     """L1 (in-process) + L2 (Redis) cache for one named kind of value.
 
     Args:
-        redis: shared ``redis.asyncio.Redis`` client (``decode_responses=False``); not closed here.
+        redis: shared ``redis.asyncio.Redis`` or ``RedisCluster`` client
+            (``decode_responses=False``); not closed here.
         prefix: per-service key prefix, e.g. ``"analytics"``.
         name: the cache's name, e.g. ``"task"``; also the ``cache`` label of the metrics.
         l1_max_entries: L1 size bound (least recently used entries are evicted); 0 disables L1.
@@ -57,7 +58,7 @@ class MultiLevelCache(Generic[T]):
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: RedisClient,
         *,
         prefix: str,
         name: str,
@@ -70,7 +71,7 @@ class MultiLevelCache(Generic[T]):
         retry_backoff_max: float = 5.0,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
-        if redis.connection_pool.connection_kwargs.get("decode_responses"):
+        if redis.get_encoder().decode_responses:
             raise ValueError("MultiLevelCache needs a Redis client with decode_responses=False")
         self._redis = redis
         self.prefix = prefix
@@ -216,7 +217,7 @@ class MultiLevelCache(Generic[T]):
         async def op() -> None:
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.set(self.redis_key(key), raw, px=_px(ttl))
-                pipe.publish(self.channel, self._inv.message(key=key))
+                self._inv.publish_in(pipe, self._inv.message(key=key))
                 await pipe.execute()
 
         if await self._link.call(op) is MISSING:
@@ -263,7 +264,7 @@ class MultiLevelCache(Generic[T]):
         async def op() -> None:
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.delete(self.redis_key(key))
-                pipe.publish(self.channel, self._inv.message(key=key))
+                self._inv.publish_in(pipe, self._inv.message(key=key))
                 await pipe.execute()
 
         if await self._link.call(op) is MISSING:

@@ -1,0 +1,236 @@
+"""Effects benchmark: many pollers over running tasks, through gRPC.
+
+1. spawns the RunningHub simulator (`python -m tools.runninghub_sim`, tasks that
+   stay RUNNING for the whole run), `python -m services.effects` on a throwaway
+   schema, and the naive pass-through `python -m bench.effects_naive` (baseline),
+   each in its own process;
+2. starts TASKS tasks through the real CreateTask;
+3. for `seconds`, `pollers` concurrent pollers each call GetTask on one task every
+   `interval` seconds (as frontends do), first against the service, then against
+   the naive pass-through, the same client and load;
+4. reports, for both, upstream calls (the simulator's outputs counter) per task
+   per second and GetTask p50 / p99, and the reduction in upstream calls.
+Goal: at least 95 % fewer upstream calls than naive, GetTask p99 under 20 ms.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import grpc
+
+from cosnap.effects.v1 import effects_pb2, effects_pb2_grpc
+from services.servicekit.auth import issue_token
+from tests.support import DATABASE_URL, JWT_SECRET, ROOT, free_port, service_env, spawn_service, wait_serving
+
+TASKS = 50
+POLLERS = 1000
+SECONDS = 30.0
+INTERVAL = 2.0  # frontends poll every 2 to 5 s (RunningHub's own node: 2 s queued, 5 s running)
+USERS = 5
+KEY = "bench-global-key-000000000000"
+
+
+def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    out = open(log, "ab")  # the child process owns it
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=out, stderr=out, env=dict(os.environ))
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+async def _wait_http(url: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as http:
+        while True:
+            try:
+                async with http.get(url) as reply:
+                    if reply.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(url)
+            await asyncio.sleep(0.1)
+
+
+async def _outputs_calls(sim_url: str) -> int:
+    async with aiohttp.ClientSession() as http, http.get(sim_url + "/__sim/counters") as reply:
+        return int((await reply.json())["calls"].get("outputs", 0))
+
+
+def _percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
+
+
+async def poll(
+    address: str, tasks: list[tuple[str, str]], pollers: int, seconds: float, interval: float, sim_url: str
+) -> dict[str, float]:
+    """`pollers` loops of GetTask, each on one task, every `interval` s, for `seconds`."""
+    channels = [grpc.aio.insecure_channel(address) for _ in range(4)]
+    stubs = [effects_pb2_grpc.EffectsServiceStub(c) for c in channels]
+    latencies: list[float] = []
+    errors = 0
+    loop = asyncio.get_running_loop()
+    start = loop.time() + 0.5
+    end = start + seconds
+
+    async def poller(i: int) -> None:
+        nonlocal errors
+        task_id, token = tasks[i % len(tasks)]
+        stub = stubs[i % len(stubs)]
+        metadata = (("authorization", f"Bearer {token}"),)
+        request = effects_pb2.GetTaskRequest(task_id=task_id)
+        next_at = start + random.uniform(0, interval)
+        while True:
+            await asyncio.sleep(max(0.0, next_at - loop.time()))
+            if loop.time() >= end:
+                return
+            began = time.perf_counter()
+            try:
+                await stub.GetTask(request, metadata=metadata, timeout=10)
+                latencies.append((time.perf_counter() - began) * 1000)
+            except grpc.aio.AioRpcError:
+                errors += 1
+            next_at += interval
+
+    await asyncio.sleep(max(0.0, start - loop.time()))
+    before = await _outputs_calls(sim_url)
+    await asyncio.gather(*(poller(i) for i in range(pollers)))
+    upstream = await _outputs_calls(sim_url) - before
+    for channel in channels:
+        await channel.close()
+    return {
+        "polls": len(latencies),
+        "errors": errors,
+        "polls_per_second": len(latencies) / seconds,
+        "upstream_calls": upstream,
+        "upstream_per_task_second": upstream / len(tasks) / seconds,
+        "p50_ms": _percentile(latencies, 0.50),
+        "p99_ms": _percentile(latencies, 0.99),
+    }
+
+
+async def _start_tasks(address: str, count: int) -> list[tuple[str, str]]:
+    tokens = [issue_token(JWT_SECRET, f"bench-user-{u}", ttl_seconds=3600) for u in range(USERS)]
+    out: list[tuple[str, str]] = []
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = effects_pb2_grpc.EffectsServiceStub(channel)
+        for i in range(count):
+            token = tokens[i % USERS]
+            reply = await stub.CreateTask(
+                effects_pb2.CreateTaskRequest(
+                    effect_id="portrait-upscale",
+                    request_id=f"bench-{i}",
+                    inputs={"image": "https://cdn.cosnap.ai/bench/portrait.png"},
+                ),
+                metadata=(("authorization", f"Bearer {token}"),),
+                timeout=30,
+            )
+            out.append((reply.task.task_id, token))
+    return out
+
+
+async def run(
+    scale: float = 1.0,
+    pollers: int = POLLERS,
+    seconds: float = SECONDS,
+    interval: float = INTERVAL,
+    log_dir: Path | None = None,
+) -> dict[str, Any]:
+    log_dir = log_dir or Path(os.environ.get("TMPDIR", "/tmp"))
+    pollers = max(10, int(pollers * scale))
+    schema = f"bench_effects_{uuid.uuid4().hex[:8]}"
+    sim_port, port, metrics_port, naive_port = free_port(), free_port(), free_port(), free_port()
+    sim_url = f"http://127.0.0.1:{sim_port}"
+    config = json.dumps({"queueSeconds": 0, "runSeconds": 100_000, "defaultConcurrency": 1000})
+    sim = _spawn(
+        ["-m", "tools.runninghub_sim", "--region", "global", "--port", str(sim_port), "--config", config,
+         "--log-level", "WARNING"],
+        log_dir / "bench-sim.log",
+    )  # fmt: skip
+    env = service_env(
+        schema,
+        GRPC_PORT=str(port),
+        METRICS_PORT=str(metrics_port),
+        LOG_LEVEL="WARNING",
+        MONITORING_ADDR="",
+        RUNNINGHUB_GLOBAL_URL=sim_url,
+        RUNNINGHUB_GLOBAL_API_KEY=KEY,
+        EFFECTS_RATE_LIMIT_TASKS="0",
+    )
+    service = spawn_service("effects", env, log_dir / "bench-effects.log")
+    naive: subprocess.Popen[bytes] | None = None
+    result: dict[str, Any] = {"tasks": TASKS, "pollers": pollers, "seconds": seconds, "interval": interval}
+    try:
+        await _wait_http(sim_url + "/__sim/health")
+        await asyncio.to_thread(wait_serving, f"127.0.0.1:{port}", 60)
+        tasks = await _start_tasks(f"127.0.0.1:{port}", TASKS)
+        naive = _spawn(
+            ["-m", "bench.effects_naive", str(naive_port), DATABASE_URL, schema, sim_url, KEY],
+            log_dir / "bench-effects-naive.log",
+        )
+        result["service"] = await poll(f"127.0.0.1:{port}", tasks, pollers, seconds, interval, sim_url)
+        result["naive"] = await poll(f"127.0.0.1:{naive_port}", tasks, pollers, seconds, interval, sim_url)
+        naive_calls = result["naive"]["upstream_per_task_second"]
+        result["upstream_reduction"] = (
+            1 - result["service"]["upstream_per_task_second"] / naive_calls if naive_calls else 0.0
+        )
+    finally:
+        for proc in (naive, service, sim):
+            if proc is not None:
+                _stop(proc)
+        conn = await asyncpg.connect(DATABASE_URL)
+        try:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        finally:
+            await conn.close()
+    return result
+
+
+def print_result(result: dict[str, Any]) -> None:
+    print(
+        f"\neffects: {result['pollers']} pollers over {result['tasks']} running tasks, one GetTask per "
+        f"poller every {result['interval']:g} s, {result['seconds']:g} s each"
+    )
+    print(f"{'':>22} {'polls/s':>9} {'errors':>7} {'upstream/task/s':>16} {'p50 ms':>8} {'p99 ms':>8}")
+    for name in ("naive", "service"):
+        r = result[name]
+        print(
+            f"{name:>22} {r['polls_per_second']:>9.0f} {r['errors']:>7} {r['upstream_per_task_second']:>16.3f}"
+            f" {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f}"
+        )
+    print(
+        f"upstream calls: {result['upstream_reduction'] * 100:.1f} % fewer than naive (goal >= 95 %); "
+        f"service p99 {result['service']['p99_ms']:.1f} ms (goal < 20 ms)"
+    )
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m bench.effects")
+    parser.add_argument("--pollers", type=int, default=POLLERS)
+    parser.add_argument("--seconds", type=float, default=SECONDS)
+    parser.add_argument("--interval", type=float, default=INTERVAL)
+    args = parser.parse_args()
+    print_result(asyncio.run(run(1.0, args.pollers, args.seconds, args.interval)))

@@ -1,0 +1,56 @@
+"""An echo server behind the kit's interceptor, with or without the monitoring reporter.
+
+`python -m bench.monitoring_echo PORT [MONITORING_ADDR]`: answers RecordEvents at once
+(like bench.echo) through `ServiceInterceptor` (request id, auth, Prometheus timing,
+error mapping); given MONITORING_ADDR, every RPC's timing also goes to the kit's
+`MonitoringReporter`, which ships them to that monitoring service in the background.
+The difference between the two is what the reporter costs an RPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+
+import grpc
+
+from bench.echo import Echo
+from cosnap.analytics.v1 import analytics_pb2_grpc
+from cosnap.monitoring.v1 import monitoring_pb2_grpc
+from services.servicekit.auth import Access, ServiceTokens
+from services.servicekit.channels import service_channel
+from services.servicekit.interceptors import ServiceInterceptor
+from services.servicekit.reporter import MonitoringReporter, ReporterSettings
+
+METHOD = "/cosnap.analytics.v1.AnalyticsService/RecordEvents"
+
+
+async def serve(port: int, monitoring_addr: str | None) -> None:
+    secret = os.environ.get("AUTH_JWT_SECRET", "cosnap-development-secret-change-me!")
+    reporter = None
+    if monitoring_addr:
+        stub = monitoring_pb2_grpc.MonitoringServiceStub(
+            service_channel(monitoring_addr, ServiceTokens(secret, "echo"))
+        )
+        reporter = MonitoringReporter(stub, "echo", f"echo-{os.getpid()}", settings=ReporterSettings())
+        reporter.start()
+    interceptor = ServiceInterceptor({METHOD: Access.PUBLIC}, secret, reporter.record if reporter else None)
+    server = grpc.aio.server(interceptors=[interceptor])
+    analytics_pb2_grpc.add_AnalyticsServiceServicer_to_server(Echo(), server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print("ready", flush=True)
+    await stop.wait()
+    await server.stop(1)
+    if reporter is not None:
+        await reporter.close()
+
+
+if __name__ == "__main__":
+    asyncio.run(serve(int(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else None))

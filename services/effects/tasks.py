@@ -1,0 +1,418 @@
+"""Tasks: start (idempotent by requestId, rate-limited), poll, cancel, and the
+work behind webhooks and the sweeper.
+
+Polls go through the multi-level cache, whose lifetime depends on the state
+(short while queued or running, long once ended). A miss reads the row; only
+the replica that wins a Redis lease on the task (one per refresh interval) asks
+RunningHub, so concurrent polls cause at most one upstream call per task and
+interval across all replicas. Ended tasks are never asked about again: their
+outputs are stored once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import re
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import redis.asyncio as aioredis
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2
+from prometheus_client import Counter
+
+from cosnap.effects.v1 import effects_pb2
+from services.servicekit.auth import Principal
+from services.servicekit.cache import MultiLevelCache
+from services.servicekit.errors import FieldViolations, ServiceError, not_found, unavailable
+
+from . import envelope
+from .catalog import Catalog
+from .envelope import FAILED, QUEUED, RUNNING, Failure
+from .parameters import build_node_info
+from .ratelimit import RateLimiter
+from .runninghub import BusinessError, Regions, UpstreamError
+from .taskstore import TaskRow, TaskStore, parse_task_id
+from .webhooks import WebhookTokens
+
+log = logging.getLogger(__name__)
+
+REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
+TASK_ENDS = Counter("effects_task_ends", "Tasks that ended, by status.", ["status"])
+UPSTREAM_REFRESHES = Counter(
+    "effects_task_refreshes", "RunningHub outputs calls made for polls, by result.", ["result"]
+)
+NO_WORD = (
+    "RunningHub never confirmed the task (no reply to the create and no callback in time); start it again"
+)
+# A task ended: (row) -> None; called without awaiting anything slow (analytics reporter).
+EndListener = Callable[[TaskRow], None]
+
+
+@dataclass(frozen=True)
+class TaskTimings:
+    queued_ttl: float = 2.0
+    running_ttl: float = 3.0
+    final_ttl: float = 3600.0
+    reconcile_timeout: float = 1800.0
+    recheck_after: float = 60.0
+    settle_timeout: float = 50.0
+
+
+@dataclass(frozen=True)
+class CachedTask:
+    owner: str
+    status: str
+    body: bytes  # the Task message
+
+
+def _dump(value: CachedTask) -> bytes:
+    return json.dumps(
+        {"o": value.owner, "s": value.status, "t": base64.b64encode(value.body).decode()}
+    ).encode()
+
+
+def _load(raw: bytes) -> CachedTask:
+    data = json.loads(raw)
+    return CachedTask(data["o"], data["s"], base64.b64decode(data["t"]))
+
+
+TASK_CACHE_OPTIONS: dict[str, Any] = {"serializer": _dump, "deserializer": _load}
+
+
+def _cached(row: TaskRow) -> CachedTask:
+    return CachedTask(row.owner, row.status, row.to_proto().SerializeToString())
+
+
+def _refused(code: int, message: str) -> ServiceError:
+    if code in (301,):
+        return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"RunningHub refused the inputs: {message}")
+    if code in (814,):
+        return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"RunningHub's queue is full: {message}")
+    if code in envelope.BACK_PRESSURE or code in (416, 801, 802):
+        return unavailable(f"effects are unavailable for now: {message} (RunningHub {code})")
+    return ServiceError(
+        grpc.StatusCode.FAILED_PRECONDITION, f"the effect cannot run: {message} (RunningHub {code})"
+    )
+
+
+class Tasks:
+    def __init__(
+        self,
+        store: TaskStore,
+        catalog: Catalog,
+        regions: Regions,
+        cache: MultiLevelCache[CachedTask],
+        redis: aioredis.Redis,
+        redis_prefix: str,
+        limiter: RateLimiter,
+        tokens: WebhookTokens,
+        timings: TaskTimings,
+    ) -> None:
+        self._store = store
+        self._catalog = catalog
+        self._regions = regions
+        self._cache = cache
+        self._redis = redis
+        self._lease_prefix = f"{redis_prefix}:task-refresh:"
+        self._limiter = limiter
+        self._tokens = tokens
+        self.timings = timings
+        self.end_listeners: list[EndListener] = []
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # -- cache ---------------------------------------------------------------
+    def _ttl(self, value: CachedTask) -> float:
+        if value.status in envelope.FINAL_STATES:
+            return self.timings.final_ttl
+        return self.timings.running_ttl if value.status == RUNNING else self.timings.queued_ttl
+
+    async def _publish(self, row: TaskRow | None, ended: bool = False) -> None:
+        if row is None:
+            return
+        value = _cached(row)
+        await self._cache.set(row.task_id, value, self._ttl(value))
+        if ended:
+            TASK_ENDS.labels(row.status).inc()
+            for listener in self.end_listeners:
+                try:
+                    listener(row)
+                except Exception:
+                    log.exception("task end listener failed")
+
+    # -- CreateTask ------------------------------------------------------------
+    async def create(self, request: effects_pb2.CreateTaskRequest, who: Principal) -> effects_pb2.Task:
+        violations = FieldViolations()
+        if not REQUEST_ID.match(request.request_id):
+            violations.add("requestId", "required: 1 to 128 printable ASCII characters")
+        if not request.effect_id or len(request.effect_id) > 64 or "\x00" in request.effect_id:
+            violations.add("effectId", "required, at most 64 characters")
+        if request.region not in ("", "cn", "global"):
+            violations.add("region", "must be cn or global")
+        if request.instance_type not in ("", "default", "plus"):
+            violations.add("instanceType", "must be default or plus")
+        violations.raise_if_any("invalid task")
+        effect = await self._catalog.effect(request.effect_id)
+        if request.region and request.region != effect.region:
+            violations.add("region", f"this effect runs in {effect.region}")
+            violations.raise_if_any("invalid task")
+
+        existing = await self._store.by_request(who.subject, request.request_id)
+        if existing is not None:
+            return (await self._settled(existing, request)).to_proto()
+
+        params = await self._catalog.parameters(effect.region, effect.webapp_id)
+        node_info = build_node_info(params, dict(request.inputs), dict(request.parameters), violations)
+        violations.raise_if_any("invalid task")
+
+        wait = await self._limiter.acquire(who.subject)
+        if wait is not None:
+            raise self._limited(wait)
+
+        client = self._regions[effect.region]
+        task_id = uuid.uuid4()
+        inserted = await self._store.insert(
+            task_id,
+            who.subject,
+            request.request_id,
+            effect.effect_id,
+            effect.region,
+            effect.webapp_id,
+            request.instance_type or "default",
+            node_info,
+        )
+        if not inserted:  # a concurrent duplicate inserted first: its outcome is ours
+            row = await self._store.by_request(who.subject, request.request_id)
+            if row is None:
+                raise unavailable("the first request with this requestId failed; send it again")
+            return (await self._settled(row, request)).to_proto()
+
+        webhook = self._tokens.url(effect.region, task_id)
+        try:
+            made = await client.create(
+                effect.webapp_id, node_info, webhook, request.instance_type or "default"
+            )
+        except UpstreamError as exc:
+            if not exc.ambiguous:
+                await self._store.delete_pending(task_id)
+                raise unavailable(str(exc)) from None
+            log.warning(
+                "create outcome unknown: reconciling through the webhook",
+                extra={"task_id": str(task_id), "region": effect.region, "error": str(exc)},
+            )
+            row = await self._store.mark_ambiguous(task_id)
+            if not webhook:  # nothing can announce the task: fail it now rather than wait
+                row, ended = await self._store.end(task_id, FAILED, Failure(message=NO_WORD))
+                await self._publish(row, ended)
+            assert row is not None
+            return row.to_proto()
+        except BusinessError as exc:
+            await self._store.delete_pending(task_id)
+            if exc.code == 803:  # the app changed: read its config again next time
+                await self._catalog.forget(effect.region, effect.webapp_id)
+            raise _refused(exc.code, exc.message) from None
+        except BaseException:
+            # Cancelled or crashed mid-create: the create may have been sent.
+            await asyncio.shield(self._store.mark_ambiguous(task_id))
+            raise
+        row = await self._store.created(task_id, made.task_id, made.status, made.failure)
+        if row.status == envelope.CANCELLED:  # cancelled while the create was in flight
+            self._spawn(self._cancel_upstream(row.region, made.task_id))
+        await self._publish(row, ended=made.status == FAILED)
+        return row.to_proto()
+
+    async def _settled(self, row: TaskRow, request: effects_pb2.CreateTaskRequest) -> TaskRow:
+        """The row of an earlier request with this requestId, once its create has answered."""
+        if row.effect_id != request.effect_id:
+            raise ServiceError(grpc.StatusCode.ALREADY_EXISTS, "requestId already used for another effect")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timings.settle_timeout
+        current: TaskRow | None = row
+        while current is not None and current.create_state == "pending" and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+            current = await self._store.get(uuid.UUID(row.task_id))
+        if current is None:
+            raise unavailable("the first request with this requestId failed; send it again")
+        return current
+
+    def _limited(self, wait: float) -> ServiceError:
+        info = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=int(wait) + 1))
+        detail = any_pb2.Any()
+        detail.Pack(info)
+        return ServiceError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"at most {self._limiter.limit} tasks per {self._limiter.window_ms // 1000} s; try again in {wait:.0f} s",
+            [detail],
+        )
+
+    # -- GetTask ----------------------------------------------------------------
+    async def get(self, task_id: str, who: Principal) -> effects_pb2.Task:
+        tid = parse_task_id(task_id)
+        if tid is None:
+            raise not_found("no such task")
+        value = await self._cache.get_or_load(str(tid), lambda: self._load(tid), self._ttl)
+        if value.owner != who.subject and not who.is_admin:
+            raise not_found("no such task")
+        return effects_pb2.Task.FromString(value.body)
+
+    async def _load(self, tid: uuid.UUID) -> CachedTask:
+        row = await self._store.get(tid)
+        if row is None:
+            raise not_found("no such task")
+        if not row.final and row.rh_task_id and await self._lease(row):
+            row = await self._refresh(row)
+        return _cached(row)
+
+    async def _lease(self, row: TaskRow) -> bool:
+        """One RunningHub call per task and refresh interval across replicas."""
+        ttl = self.timings.running_ttl if row.status == RUNNING else self.timings.queued_ttl
+        try:
+            return bool(
+                await self._redis.set(
+                    self._lease_prefix + row.task_id, b"1", nx=True, px=max(1, int(ttl * 1000))
+                )
+            )
+        except Exception:
+            return True  # Redis down: this replica asks (its cache still coalesces its own polls)
+
+    async def _refresh(self, row: TaskRow) -> TaskRow:
+        assert row.rh_task_id is not None
+        try:
+            state = await self._regions[row.region].outputs(row.rh_task_id)
+        except (UpstreamError, BusinessError) as exc:
+            UPSTREAM_REFRESHES.labels("error").inc()
+            log.info(
+                "task refresh failed; last known state served",
+                extra={"task_id": row.task_id, "error": str(exc)},
+            )
+            return row
+        UPSTREAM_REFRESHES.labels("ok").inc()
+        if state.status is None:
+            log.warning("RunningHub does not know the task", extra={"task_id": row.task_id})
+            return row
+        updated, ended = await self._store.apply(uuid.UUID(row.task_id), state)
+        if ended:
+            await self._publish(updated, ended=True)
+        return updated or row
+
+    # -- CancelTask ---------------------------------------------------------------
+    async def cancel(self, task_id: str, who: Principal) -> effects_pb2.Task:
+        tid = parse_task_id(task_id)
+        row = await self._store.get(tid) if tid is not None else None
+        if tid is None or row is None or (row.owner != who.subject and not who.is_admin):
+            raise not_found("no such task")
+        if row.status == envelope.CANCELLED:
+            return row.to_proto()
+        if row.final:
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION, f"the task has already ended ({row.status})"
+            )
+        if row.rh_task_id is not None:
+            try:
+                known = await self._regions[row.region].cancel(row.rh_task_id)
+            except UpstreamError as exc:
+                raise unavailable(str(exc)) from None
+            except BusinessError as exc:
+                raise ServiceError(
+                    grpc.StatusCode.FAILED_PRECONDITION, f"RunningHub refused: {exc.message}"
+                ) from None
+            if not known:  # RunningHub no longer knows it: it may have ended meanwhile
+                refreshed = await self._refresh(row)
+                if refreshed.final:
+                    return refreshed.to_proto()
+        ended_row, ended = await self._store.end(tid, envelope.CANCELLED, None)
+        await self._publish(ended_row, ended)
+        assert ended_row is not None
+        return ended_row.to_proto()
+
+    async def _cancel_upstream(self, region: str, rh_task_id: str) -> None:
+        try:
+            await self._regions[region].cancel(rh_task_id)
+        except (UpstreamError, BusinessError) as exc:
+            log.warning("could not cancel upstream", extra={"region": region, "error": str(exc)})
+
+    # -- webhooks ---------------------------------------------------------------
+    async def confirm(self, tid: uuid.UUID, region: str, rh_task_id: str) -> None:
+        """A TASK_END callback named this task: believe RunningHub, not the callback."""
+        row = await self._store.get(tid)
+        if row is None or row.region != region:
+            return
+        if row.rh_task_id is not None and row.rh_task_id != rh_task_id:
+            log.warning("webhook names another RunningHub task; ignored", extra={"task_id": row.task_id})
+            return
+        if row.final and row.rh_task_id is not None:
+            return  # replay or duplicate
+        client = self._regions[region]
+        state = None
+        adopted = row.rh_task_id is not None
+        for delay in (0.0, 0.5, 1.0, 2.0, 4.0, 8.0):  # outputs may lag behind the callback
+            await asyncio.sleep(delay)
+            try:
+                state = await client.outputs(rh_task_id)
+            except (UpstreamError, BusinessError) as exc:
+                log.info(
+                    "webhook confirmation failed, retrying", extra={"task_id": row.task_id, "error": str(exc)}
+                )
+                continue
+            if state.status is None:
+                log.warning(
+                    "webhook for a task RunningHub does not know; ignored", extra={"task_id": row.task_id}
+                )
+                return
+            if not adopted:  # RunningHub knows the task: it is ours (the token said so)
+                if not await self._store.adopt(tid, rh_task_id):
+                    return
+                adopted = True
+            if state.status in envelope.FINAL_STATES:
+                break
+        if state is None or state.status is None:
+            return
+        updated, ended = await self._store.apply(tid, state)
+        if ended:
+            await self._publish(updated, ended=True)
+        elif updated is not None:
+            await self._publish(updated)
+
+    # -- sweeper ----------------------------------------------------------------
+    async def sweep_once(self) -> None:
+        for tid in await self._store.unconfirmed(self.timings.reconcile_timeout):
+            row, ended = await self._store.end(
+                tid, FAILED, Failure(exception_type="no_word", message=NO_WORD)
+            )
+            if ended and row is not None:
+                log.warning("task failed for want of word from RunningHub", extra={"task_id": row.task_id})
+            await self._publish(row, ended)
+        for tid in await self._store.unchecked(self.timings.recheck_after):
+            row = await self._store.get(tid)
+            if row is not None and not row.final and await self._lease(row):
+                await self._publish(await self._refresh(row))
+
+    async def sweep_forever(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.sweep_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("task sweep failed")
+
+    # -- background -------------------------------------------------------------
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+
+
+__all__ = ["QUEUED", "CachedTask", "TaskTimings", "Tasks"]

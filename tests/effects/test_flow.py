@@ -1,0 +1,169 @@
+"""The happy path through the REST edge: catalog, upload, start, poll, outputs;
+who may see and cancel a task; a webhook makes further polls free."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tests.effects.conftest import EnvFactory, png_bytes
+from tools.runninghub_sim import SimConfig
+
+pytestmark = pytest.mark.timeout(120)
+
+
+async def test_catalog_lists_effects_with_their_webapps_parameters(effects_env: EnvFactory) -> None:
+    env = await effects_env()
+    status, body = await env.request("GET", "/api/effects?region=global", user=None)
+    assert status == 200, body
+    effects = {e["effectId"]: e for e in body["effects"]}
+    assert "portrait-upscale" in effects and "ultimate-upscale" not in effects
+    upscale = effects["portrait-upscale"]
+    assert upscale["webappId"] == "1947926545896734722"
+    params = {p["fieldName"]: p for p in upscale["parameters"]}
+    assert params["scale_by"]["type"] == "LIST" and params["scale_by"]["options"] == ["2", "4"]
+    assert params["scale_by"]["description"] == "Enlarge by"  # the catalog's label
+    assert params["image"]["type"] == "IMAGE"
+
+    status, page = await env.request("GET", "/api/effects?pageSize=2", user=None)
+    assert status == 200 and len(page["effects"]) == 2 and page["nextPageToken"]
+    status, rest = await env.request(
+        "GET", f"/api/effects?pageSize=100&pageToken={page['nextPageToken']}", user=None
+    )
+    assert status == 200 and len(rest["effects"]) == 5 and not rest.get("nextPageToken")
+
+    status, one = await env.request("GET", "/api/effects/ultimate-upscale", user=None)
+    assert status == 200 and one["region"] == "cn" and len(one["parameters"]) == 4
+    status, _ = await env.request("GET", "/api/effects/no-such-effect", user=None)
+    assert status == 404
+    status, bad = await env.request("GET", "/api/effects?region=mars", user=None)
+    assert status == 400 and bad["details"][0]["fieldViolations"][0]["field"] == "region"
+
+
+async def test_upload_start_poll_outputs(effects_env: EnvFactory) -> None:
+    env = await effects_env(SimConfig.fast(run_seconds=1.0))
+    file_name = await env.upload()
+    assert file_name.startswith("api/") and file_name.endswith(".png")
+    status, task = await env.start(inputs={"image": file_name}, parameters={"scale_by": "4"})
+    assert status == 200, task
+    assert task["status"] in ("QUEUED", "RUNNING") and task["effectId"] == "portrait-upscale"
+    done = await env.poll(task["taskId"])
+    assert done["status"] == "SUCCEEDED", done
+    assert done["outputs"] and done["outputs"][0]["url"].startswith("http")
+    assert done["outputs"][0]["fileType"] == "png" and done["outputs"][0]["nodeId"] == "9"
+    assert done["costSeconds"] == 1.0
+    assert env.creates() == 1
+    sent = next(iter(env.sim().tasks.values()))
+    assert sent.values == {"15:image": file_name, "42:scale_by": "4"}
+    coins = await env.pool.fetchval("SELECT cost_coins FROM tasks WHERE task_id = $1::uuid", done["taskId"])
+    assert coins == "12"
+
+
+async def test_after_the_webhook_polls_need_no_upstream_call(effects_env: EnvFactory) -> None:
+    env = await effects_env(SimConfig.fast(run_seconds=0.3))
+    status, task = await env.start()
+    assert status == 200, task
+    # Wait for the TASK_END callback to be confirmed and stored, without polling.
+    for _ in range(200):
+        row = await env.pool.fetchrow("SELECT status FROM tasks WHERE task_id = $1::uuid", task["taskId"])
+        if row["status"] == "SUCCEEDED":
+            break
+        await asyncio.sleep(0.05)
+    assert row["status"] == "SUCCEEDED"
+    assert env.sim().counters()["webhooks"]["webhooks_delivered"] >= 1
+    before = env.calls("outputs")
+    for _ in range(20):
+        status, body = await env.request("GET", f"/api/effects/tasks/{task['taskId']}")
+        assert status == 200 and body["status"] == "SUCCEEDED" and body["outputs"]
+    assert env.calls("outputs") == before
+
+
+async def test_a_user_cannot_see_or_cancel_another_users_task(effects_env: EnvFactory) -> None:
+    env = await effects_env(SimConfig.fast(run_seconds=30))
+    status, task = await env.start(user="alice")
+    assert status == 200, task
+    path = f"/api/effects/tasks/{task['taskId']}"
+    status, _ = await env.request("GET", path, user="mallory")
+    assert status == 404
+    status, _ = await env.request("POST", path + ":cancel", user="mallory", json={})
+    assert status == 404
+    status, _ = await env.request("GET", path, user=None)
+    assert status == 401
+    status, body = await env.request("GET", path, user="root", role="admin")
+    assert status == 200 and body["taskId"] == task["taskId"]
+    status, body = await env.request("GET", path, user="alice")
+    assert status == 200 and body["status"] in ("QUEUED", "RUNNING")
+    status, _ = await env.request("GET", "/api/effects/tasks/not-a-uuid", user="alice")
+    assert status == 404
+
+    status, cancelled = await env.request("POST", path + ":cancel", user="alice", json={})
+    assert status == 200 and cancelled["status"] == "CANCELLED", cancelled
+    assert env.calls("cancel") == 1
+    status, again = await env.request("GET", path, user="alice")
+    assert status == 200 and again["status"] == "CANCELLED"
+    # Cancelling again is harmless; the task stays cancelled even after RunningHub's callback.
+    status, again = await env.request("POST", path + ":cancel", user="alice", json={})
+    assert status == 200 and again["status"] == "CANCELLED"
+    await asyncio.sleep(0.5)
+    status, again = await env.request("GET", path, user="alice")
+    assert again["status"] == "CANCELLED"
+
+
+@pytest.mark.parametrize(
+    ("data", "content_type"),
+    [
+        (b"GIF89a" + b"\0" * 100, "image/png"),
+        (b"%PDF-1.7 not an image", "image/jpeg"),
+        (b"<svg xmlns='http://www.w3.org/2000/svg'/>", "image/webp"),
+        (b"RIFF\0\0\0\0WAVEfmt ", "image/webp"),
+        (b"", "image/png"),
+    ],
+)
+async def test_a_non_image_upload_is_refused(effects_env: EnvFactory, data: bytes, content_type: str) -> None:
+    env = await effects_env()
+    status, body = await env.request(
+        "POST", "/api/effects/uploads", data=data, headers={"Content-Type": content_type}
+    )
+    assert status == 400, body
+    assert body["details"][0]["fieldViolations"][0]["field"] == "file"
+    assert env.calls("upload") == 0
+
+
+async def test_upload_type_comes_from_the_bytes_and_size_is_bounded(effects_env: EnvFactory) -> None:
+    env = await effects_env(effects_upload_max_bytes=1024)
+    jpeg = b"\xff\xd8\xff\xe0" + b"\0" * 100
+    status, body = await env.request(
+        "POST", "/api/effects/uploads?region=cn", data=jpeg, headers={"Content-Type": "image/png"}
+    )
+    assert status == 200 and body["fileName"].endswith(".jpg") and body["region"] == "cn", body
+    assert body["sizeBytes"] == str(len(jpeg))
+    status, body = await env.request(
+        "POST", "/api/effects/uploads", data=png_bytes() + b"\0" * 2000, headers={"Content-Type": "image/png"}
+    )
+    assert status == 400, body
+    status, _ = await env.request(
+        "POST", "/api/effects/uploads", user=None, data=png_bytes(), headers={"Content-Type": "image/png"}
+    )
+    assert status == 401
+
+
+async def test_cancel_of_a_task_runninghub_no_longer_knows(effects_env: EnvFactory) -> None:
+    """807 on cancel: RunningHub forgot the task; it is cancelled here all the same."""
+    env = await effects_env(SimConfig.fast(run_seconds=30))
+    status, task = await env.start()
+    assert status == 200, task
+    env.sim().tasks.clear()  # RunningHub forgot it (its results expire after about a day)
+    status, body = await env.request("POST", f"/api/effects/tasks/{task['taskId']}:cancel", json={})
+    assert status == 200 and body["status"] == "CANCELLED", body
+    assert env.sim().counters()["replies"].get("cancel:807") == 1
+
+
+async def test_cancel_of_an_ended_task_is_refused(effects_env: EnvFactory) -> None:
+    env = await effects_env()
+    status, task = await env.start()
+    assert status == 200, task
+    assert (await env.poll(task["taskId"]))["status"] == "SUCCEEDED"
+    status, body = await env.request("POST", f"/api/effects/tasks/{task['taskId']}:cancel", json={})
+    assert status == 400 and "already ended" in body["message"], body
+    assert env.calls("cancel") == 0

@@ -1,0 +1,75 @@
+"""Polls of one task on several replicas cause at most one RunningHub call per
+task and refresh interval; the state-dependent cache lifetime."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+import pytest
+
+from cosnap.effects.v1 import effects_pb2, effects_pb2_grpc
+from services.effects import app as effects_app
+from tests.effects.conftest import EnvFactory
+from tools.runninghub_sim import SimConfig
+
+pytestmark = pytest.mark.timeout(120)
+
+
+async def test_concurrent_polls_on_two_replicas_share_one_upstream_call(
+    effects_env: EnvFactory, start_service: Any
+) -> None:
+    interval = 1.0
+    env = await effects_env(
+        SimConfig.fast(run_seconds=120),
+        effects_poll_ttl_queued_seconds=interval,
+        effects_poll_ttl_running_seconds=interval,
+        effects_recheck_after_seconds=600,
+    )
+    # A second replica: same schema, same Redis prefix, same RunningHub.
+    other = await start_service(
+        effects_app, **{**env.settings, "db_schema": env.app.schema, "redis_prefix": env.app.redis_prefix}
+    )
+    status, task = await env.start()
+    assert status == 200, task
+    await asyncio.sleep(0.3)
+    metadata = (("authorization", env.auth()["Authorization"]),)
+    request = effects_pb2.GetTaskRequest(task_id=task["taskId"])
+    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{a.port}") for a in (env.app, other)]
+    stubs = [effects_pb2_grpc.EffectsServiceStub(c) for c in channels]
+    before = env.calls("outputs")
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    for _ in range(12):  # 600 polls, half on each replica, in bursts of 50 at once
+        replies = await asyncio.gather(*(stubs[i % 2].GetTask(request, metadata=metadata) for i in range(50)))
+        assert all(r.task.status in ("QUEUED", "RUNNING") for r in replies)
+        await asyncio.sleep(0.2)
+    seconds = loop.time() - began
+    upstream = env.calls("outputs") - before
+    for channel in channels:
+        await channel.close()
+    # One call per interval across both replicas (plus one for the interval in progress).
+    assert 1 <= upstream <= seconds / interval + 1, (upstream, seconds)
+
+
+async def test_an_ended_task_is_cached_long_and_a_running_one_briefly(effects_env: EnvFactory) -> None:
+    env = await effects_env(
+        SimConfig.fast(run_seconds=0.5),
+        effects_poll_ttl_queued_seconds=0.3,
+        effects_poll_ttl_running_seconds=0.3,
+        effects_final_ttl_seconds=600,
+    )
+    status, task = await env.start()
+    assert status == 200, task
+    cache = env.state.tasks._cache
+    key = cache.redis_key(task["taskId"])
+    redis = env.app.redis
+    assert redis is not None
+    await env.request("GET", f"/api/effects/tasks/{task['taskId']}")
+    ttl_open = await redis.pttl(key)
+    assert 0 < ttl_open <= 300
+    done = await env.poll(task["taskId"])
+    assert done["status"] == "SUCCEEDED"
+    await env.request("GET", f"/api/effects/tasks/{task['taskId']}")
+    assert await redis.pttl(key) > 500_000
