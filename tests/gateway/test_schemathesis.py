@@ -103,6 +103,7 @@ async def test_schemathesis_finds_no_server_error_and_no_schema_violation(
         *command,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
+        cwd=tmp_path,  # its cache (.schemathesis/) stays out of the repository
         env={"NO_COLOR": "1", "PATH": str(Path(sys.executable).parent), "HOME": str(tmp_path)},
     )
     out, _ = await asyncio.wait_for(process.communicate(), timeout=240)
