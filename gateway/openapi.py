@@ -157,7 +157,7 @@ def _openapi_path(route: Route) -> tuple[str, list[tuple[str, FieldDescriptor, b
             parts.append(literal[index][1])
             index += 1
             continue
-        message = route.method.input_type
+        message: Descriptor | None = route.method.input_type
         fd: FieldDescriptor | None = None
         for name in var.field_path:
             assert message is not None
