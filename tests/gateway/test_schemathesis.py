@@ -121,6 +121,7 @@ async def _run(apps: list[Any], start_edge: Any, admin_token: str, tmp_path: Pat
         *command,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
+        cwd=tmp_path,  # its cache (.schemathesis/) stays out of the repository
         env={"NO_COLOR": "1", "PATH": str(Path(sys.executable).parent), "HOME": str(tmp_path)},
     )
     out, _ = await asyncio.wait_for(process.communicate(), timeout=240)
