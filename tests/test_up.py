@@ -37,7 +37,9 @@ class Up:
 
     def __init__(self, local: Path, ports: dict[str, int], tmp: Path, **env: str) -> None:
         environment = {
-            k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "AUTH_JWT_SECRET")
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("DATABASE_URL", "REDIS_URL", "AUTH_JWT_SECRET") and not k.startswith("RUNNINGHUB_")
         }
         environment.update(
             {k: str(v) for k, v in ports.items()}, COSNAP_LOCAL_DIR=str(local), TMPDIR=str(tmp), **env
@@ -95,7 +97,7 @@ class Up:
 
 
 def ports() -> dict[str, int]:
-    names = ["EDGE_PORT"] + [
+    names = ["EDGE_PORT", "RUNNINGHUB_SIM_PORT", "RUNNINGHUB_SIM_GLOBAL_PORT"] + [
         f"{s}_{k}_PORT" for s in ("ANALYTICS", "EFFECTS", "MONITORING") for k in ("GRPC", "METRICS")
     ]
     return {name: free_port() for name in names}
@@ -161,6 +163,11 @@ def test_make_up_runs_restarts_and_stops_cleanly(shared_local: Path, scratch: Pa
                 assert serving(p[f"{name}_GRPC_PORT"])
             status, _, body = http(f"http://127.0.0.1:{p['EDGE_PORT']}/api/analytics/system/health")
             assert status in (200, 501) and ("status" in json.loads(body) if status == 200 else True)
+            # No RunningHub key: effects runs on the simulator, both regions.
+            for sim in ("RUNNINGHUB_SIM_PORT", "RUNNINGHUB_SIM_GLOBAL_PORT"):
+                assert http(f"http://127.0.0.1:{p[sim]}/__sim/health")[0] == 200
+            status, _, body = http(f"http://127.0.0.1:{p['EDGE_PORT']}/api/effects")
+            assert status == 200 and json.loads(body)["effects"], body[:300]
             status, _, body = http(f"http://127.0.0.1:{p['ANALYTICS_METRICS_PORT']}/metrics")
             assert b"grpc_server_handling_seconds" in body
             # A frontend dev server on localhost may call the edge (preflight and request).

@@ -37,6 +37,7 @@ if str(ROOT) not in sys.path:  # `python tools/up.py` puts tools/ first, not the
     sys.path.insert(0, str(ROOT))
 
 from tools import embedded  # noqa: E402
+from tools.runninghub_sim.fixtures import DEV_KEYS as SIM_KEYS  # noqa: E402
 
 LOCAL = Path(os.environ.get("COSNAP_LOCAL_DIR") or ROOT / ".local")
 DEV_JWT_SECRET = "cosnap-development-secret-change-me!"
@@ -271,7 +272,34 @@ def programs(env: dict[str, str]) -> list[Program]:
             ports={"EDGE_PORT": edge_port},
         )
     )
+    sim = simulator(env)
+    if sim is not None:  # no RunningHub key set: effects talks to the project's simulator
+        out.insert(0, sim)
+        cn, glob = sim.ports["RUNNINGHUB_SIM_PORT"], sim.ports["RUNNINGHUB_SIM_GLOBAL_PORT"]
+        effects = next(p for p in out if p.name == "effects")
+        effects.env.update(
+            RUNNINGHUB_CN_URL=f"http://127.0.0.1:{cn}",
+            RUNNINGHUB_GLOBAL_URL=f"http://127.0.0.1:{glob}",
+            RUNNINGHUB_CN_API_KEY=SIM_KEYS["cn"],
+            RUNNINGHUB_GLOBAL_API_KEY=SIM_KEYS["global"],
+            # the simulator calls back through the edge, as RunningHub calls the public edge
+            EFFECTS_PUBLIC_BASE_URL=env.get("EFFECTS_PUBLIC_BASE_URL") or f"http://127.0.0.1:{edge_port}",
+        )
     return out
+
+
+def simulator(env: dict[str, str]) -> Program | None:
+    """The RunningHub simulator (tools/runninghub_sim), unless a real RunningHub key is set."""
+    if env.get("RUNNINGHUB_CN_API_KEY") or env.get("RUNNINGHUB_GLOBAL_API_KEY"):
+        return None
+    cn = port_setting("RUNNINGHUB_SIM_PORT", 8790)
+    glob = port_setting("RUNNINGHUB_SIM_GLOBAL_PORT", 8791)
+    return Program(
+        "runninghub",
+        [sys.executable, "-m", "tools.runninghub_sim", "--port", str(cn), "--global-port", str(glob)],
+        http_ok(f"http://127.0.0.1:{cn}/__sim/health"),
+        ports={"RUNNINGHUB_SIM_PORT": cn, "RUNNINGHUB_SIM_GLOBAL_PORT": glob},
+    )
 
 
 class Suite:
@@ -305,6 +333,7 @@ class Suite:
         self.env["MONITORING_ADDR"] = (
             self.env.get("MONITORING_ADDR") or f"127.0.0.1:{grpc_ports['monitoring']}"
         )
+        self.env["ANALYTICS_ADDR"] = self.env.get("ANALYTICS_ADDR") or f"127.0.0.1:{grpc_ports['analytics']}"
         self.env["MONITORING_HEALTH_TARGETS"] = self.env.get("MONITORING_HEALTH_TARGETS") or ",".join(
             f"{name}=127.0.0.1:{grpc_ports[name]}" for name in ("analytics", "effects")
         )
@@ -414,6 +443,15 @@ class Suite:
                 say(
                     f"{child.name:<16} gRPC 127.0.0.1:{env['GRPC_PORT']}   metrics http://127.0.0.1:{env['METRICS_PORT']}/metrics"
                 )
+        sim = next((c for c in self.children if c.name == "runninghub"), None)
+        if sim is not None:
+            cn, glob = sim.program.ports.values()
+            say(
+                f"RunningHub sim   cn http://127.0.0.1:{cn}  global http://127.0.0.1:{glob}"
+                "  (no RUNNINGHUB_*_API_KEY set; controls under /__sim/)"
+            )
+        else:
+            say("RunningHub       the real sites (RUNNINGHUB_*_API_KEY set)")
         say(
             f"CORS origins     {next(c for c in self.children if c.name == 'edge').program.env['EDGE_CORS_ORIGINS']}"
         )

@@ -34,22 +34,15 @@ from typing import Any, Final
 import asyncpg
 import grpc
 import redis.asyncio as aioredis
-from google.protobuf import message_factory
 from grpc_health.v1 import health_pb2
 
-from cosnap.effects.v1 import effects_pb2
+from cosnap.effects.v1 import effects_pb2, effects_pb2_grpc
 from cosnap.monitoring.v1 import monitoring_pb2
 from services.servicekit.clock import Clock
 
 log = logging.getLogger(__name__)
 
 HEALTHY, DEGRADED, UNHEALTHY = "healthy", "degraded", "unhealthy"
-EFFECTS_SERVICE: Final = "cosnap.effects.v1.EffectsService"
-# The effects RPC that reports RunningHub per region (internal, a service token):
-# looked up in the descriptor pool, so monitoring runs with or without it; its reply
-# has a repeated message field whose items carry `name` ("runninghub-cn") or
-# `region`, `status` (healthy, degraded, unhealthy), `latency_ms` and `detail`.
-RUNNINGHUB_METHOD: Final = "GetUpstreamHealth"
 
 
 @dataclass(frozen=True)
@@ -205,45 +198,27 @@ class SystemHealth:
             name, HEALTHY if serving else UNHEALTHY, (time.perf_counter() - started) * 1000, status_name
         )
 
-    async def _runninghub(self) -> list[Check] | None:
-        """RunningHub per region from effects; nothing while effects has no such RPC."""
-        service = effects_pb2.DESCRIPTOR.services_by_name["EffectsService"]
-        method = service.methods_by_name.get(RUNNINGHUB_METHOD)
-        if method is None:
-            return None
-        request_cls = message_factory.GetMessageClass(method.input_type)
-        reply_cls = message_factory.GetMessageClass(method.output_type)
-        call: grpc.aio.UnaryUnaryMultiCallable[Any, Any] = self._channel(
-            self._targets["effects"]
-        ).unary_unary(
-            f"/{EFFECTS_SERVICE}/{RUNNINGHUB_METHOD}",
-            request_serializer=lambda m: m.SerializeToString(),
-            response_deserializer=reply_cls.FromString,
-        )
+    async def _runninghub(self) -> list[Check]:
+        """RunningHub per region, as effects sees it (its GetRunningHubHealth RPC)."""
+        stub = effects_pb2_grpc.EffectsServiceStub(self._channel(self._targets["effects"]))
         started = time.perf_counter()
         try:
-            reply: Any = await call(request_cls(), timeout=self._timeout, metadata=self._metadata())
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
-                return None
+            reply = await stub.GetRunningHubHealth(
+                effects_pb2.GetRunningHubHealthRequest(), timeout=self._timeout, metadata=self._metadata()
+            )
+        except grpc.aio.AioRpcError:
             return [
                 Check("runninghub", DEGRADED, (time.perf_counter() - started) * 1000, "effects unreachable")
             ]
         out = []
-        for fd in reply.DESCRIPTOR.fields:
-            if fd.message_type is None or fd.label != fd.LABEL_REPEATED:
+        for region in reply.regions:
+            name = f"runninghub-{region.region}"
+            if not region.region.isalnum() or len(name) > 40:
                 continue
-            for item in getattr(reply, fd.name):
-                name = str(getattr(item, "name", "") or "")
-                if not name.startswith("runninghub-"):
-                    name = f"runninghub-{getattr(item, 'region', '')}"
-                if not name.replace("-", "").isalnum() or len(name) > 40:
-                    continue
-                status = str(getattr(item, "status", "")).lower()
-                known = status in (HEALTHY, DEGRADED, UNHEALTHY)
-                detail = str(getattr(item, "detail", "") or status)[:100] if known else "unknown"
-                latency = float(getattr(item, "latency_ms", 0.0) or 0.0)
-                out.append(Check(name, status if known else DEGRADED, latency, detail))
+            status = region.status.lower()
+            known = status in (HEALTHY, DEGRADED, UNHEALTHY)
+            detail = (region.detail or status)[:100] if known else "unknown"
+            out.append(Check(name, status if known else DEGRADED, region.latency_ms, detail))
         return out
 
     async def close(self) -> None:

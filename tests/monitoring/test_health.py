@@ -19,7 +19,9 @@ from services.monitoring.health import Check, overall
 from services.servicekit.clock import ManualClock
 from tests.conftest import StartService
 from tests.monitoring.conftest import Connect, StartMonitoring
-from tests.support import free_port
+from tests.support import free_port, unique_name
+from tools.runninghub_sim import SimConfig
+from tools.runninghub_sim import start as start_sim
 
 
 class RedisServer:
@@ -100,7 +102,13 @@ async def test_degraded_while_redis_is_down_and_healthy_when_it_returns(
     connect: Connect,
     redis_server: RedisServer,
 ) -> None:
-    effects = await start_service(effects_app)
+    # effects against the RunningHub simulator (both regions), so its regions read healthy
+    sims = {region: await start_sim(region, SimConfig.fast()) for region in ("cn", "global")}
+    effects = await start_service(
+        effects_app,
+        **{f"runninghub_{r}_url": sims[r].url for r in sims},
+        **{f"runninghub_{r}_api_key": unique_name(f"key-{r}").replace("_", "-") for r in sims},
+    )
     app = await start_monitoring(
         redis_url=f"redis://127.0.0.1:{redis_server.port}/0",
         monitoring_health_targets=f"effects=127.0.0.1:{effects.port}",
@@ -118,6 +126,8 @@ async def test_degraded_while_redis_is_down_and_healthy_when_it_returns(
         "postgres": "healthy",
         "redis": "healthy",
         "effects": "healthy",
+        "runninghub-cn": "healthy",
+        "runninghub-global": "healthy",
     }
     assert reply.uptime.ToTimedelta().total_seconds() >= 0 and reply.checked_at.seconds > 0
 
@@ -139,6 +149,9 @@ async def test_degraded_while_redis_is_down_and_healthy_when_it_returns(
     assert body["status"] == "healthy"
     for secret in ("127.0.0.1", str(redis_server.port), str(effects.port), "redis://", "Traceback", "Error"):
         assert secret not in text
+    for sim in sims.values():
+        assert sim.url.rsplit(":", 1)[-1] not in text
+        await sim.runner.cleanup()
 
 
 async def test_a_service_that_does_not_answer_makes_it_unhealthy(
