@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from cosnap.analytics.v1 import analytics_pb2, analytics_pb2_grpc
 from cosnap.monitoring.v1 import monitoring_pb2_grpc
@@ -17,10 +17,14 @@ from services.servicekit.cache import RAW_BYTES
 from services.servicekit.config import ServiceSettings
 from services.servicekit.server import ServiceApp
 
+from .attribution import AttributionReports, parse_rates
+from .business import Business, BusinessRpcs
 from .dashboard import Dashboard
+from .engagement import EngagementReports
 from .funnel import FunnelReports
 from .ingest import GroupCommitter
 from .partitions import PartitionMaintainer
+from .preagg import Preaggregator
 from .servicer import AnalyticsServicer
 from .validation import Limits
 
@@ -34,6 +38,12 @@ ACCESS = {
     "RecordFunnelSteps": Access.PUBLIC,
     "GetFunnelReport": Access.ADMIN,
     "GetPerformanceDashboard": Access.ADMIN,
+    "GetEngagementReport": Access.ADMIN,
+    "GetUserEngagement": Access.USER,  # the servicer lets a user read only their own
+    "GetRevenueAttribution": Access.ADMIN,
+    "ListWeeklyReports": Access.ADMIN,
+    "GetWeeklyReport": Access.ADMIN,
+    "StreamPerformanceDashboard": Access.ADMIN,
 }
 
 
@@ -55,9 +65,31 @@ class AnalyticsSettings(ServiceSettings):
     )
     analytics_dashboard_ttl_seconds: float = Field(10.0, ge=0, description="Dashboard cache lifetime.")
     analytics_funnel_ttl_seconds: float = Field(60.0, ge=0, description="Funnel report cache lifetime.")
+    analytics_business_ttl_seconds: float = Field(
+        60.0, ge=0, description="Engagement and attribution report cache lifetime."
+    )
+    analytics_preagg_interval_seconds: float = Field(
+        60.0, gt=0, description="How often the engagement / acquisition pre-aggregation runs."
+    )
+    analytics_preagg_min_age_seconds: float = Field(
+        60.0, ge=0, description="A changed day is re-aggregated at most this often."
+    )
+    analytics_runninghub_coin_rates: str = Field(
+        "", description="Price of one RunningHub coin per currency: USD=0.0014,CNY=0.01"
+    )
+
+    @field_validator("analytics_runninghub_coin_rates")
+    @classmethod
+    def _rates(cls, value: str) -> str:
+        parse_rates(value)  # raises ValueError naming the bad item
+        return value
 
 
 SETTINGS = AnalyticsSettings
+
+
+class Servicer(BusinessRpcs, AnalyticsServicer):
+    """Ingest and reports (``servicer.py``) with the business RPCs (``business.py``)."""
 
 
 @dataclass
@@ -69,6 +101,8 @@ class Analytics:
     dashboard: Dashboard
     funnels: FunnelReports
     servicer: AnalyticsServicer
+    preagg: Preaggregator
+    business: Business
 
 
 _STATE: weakref.WeakKeyDictionary[ServiceApp, Analytics] = weakref.WeakKeyDictionary()
@@ -121,7 +155,28 @@ async def wire(app: ServiceApp) -> None:
     funnels = FunnelReports(
         pool, await app.cache("funnel", **RAW_BYTES), settings.analytics_funnel_ttl_seconds
     )
-    servicer = AnalyticsServicer(
+    preagg = Preaggregator(
+        pool,
+        app.schema,
+        retention_days=settings.analytics_retention_days,
+        min_age_seconds=settings.analytics_preagg_min_age_seconds,
+        interval_seconds=settings.analytics_preagg_interval_seconds,
+    )
+    app.run_in_background(preagg.run_forever(), "analytics-preagg")
+    business_cache = await app.cache("business", **RAW_BYTES)
+    business = Business(
+        engagement=EngagementReports(
+            pool, business_cache, settings.analytics_business_ttl_seconds, preagg.run_once
+        ),
+        attribution=AttributionReports(
+            pool,
+            business_cache,
+            settings.analytics_business_ttl_seconds,
+            parse_rates(settings.analytics_runninghub_coin_rates),
+            preagg.run_once,
+        ),
+    )
+    servicer = Servicer(
         committer,
         dashboard,
         funnels,
@@ -129,5 +184,6 @@ async def wire(app: ServiceApp) -> None:
             max_items=settings.analytics_max_batch_items, retention_days=settings.analytics_retention_days
         ),
     )
+    servicer.business = business
     app.add_service(SERVICE, servicer, analytics_pb2_grpc.add_AnalyticsServiceServicer_to_server, ACCESS)
-    _STATE[app] = Analytics(committer, maintainer, dashboard, funnels, servicer)
+    _STATE[app] = Analytics(committer, maintainer, dashboard, funnels, servicer, preagg, business)
