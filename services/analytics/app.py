@@ -7,7 +7,6 @@ import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 from pydantic import Field, field_validator
 
 from cosnap.analytics.v1 import analytics_pb2, analytics_pb2_grpc
@@ -141,13 +140,7 @@ async def wire(app: ServiceApp) -> None:
 
     monitoring: monitoring_pb2_grpc.MonitoringServiceStub | None = None
     if settings.monitoring_addr:
-        channel = grpc.aio.insecure_channel(settings.monitoring_addr)
-        monitoring = monitoring_pb2_grpc.MonitoringServiceStub(channel)
-
-        async def close_channel() -> None:
-            await channel.close()
-
-        app.on_shutdown(close_channel)
+        monitoring = monitoring_pb2_grpc.MonitoringServiceStub(app.service_channel(settings.monitoring_addr))
 
     dashboard = Dashboard(
         pool, await app.cache("dashboard", **RAW_BYTES), monitoring, settings.analytics_dashboard_ttl_seconds

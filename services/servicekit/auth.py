@@ -2,6 +2,12 @@
 
 Each service declares an access level per RPC; the auth interceptor enforces
 it before the servicer runs and leaves the caller in `current_principal`.
+
+Roles: `user`, `admin`, and `service` for the suite's own services. A service
+mints its own short-lived `service` token from the shared secret
+(:class:`ServiceTokens`) and the kit's channels attach it
+(:func:`services.servicekit.channels.service_channel`); internal RPCs accept
+nothing else.
 """
 
 from __future__ import annotations
@@ -13,12 +19,19 @@ from dataclasses import dataclass
 
 import jwt
 
+from .clock import SYSTEM_CLOCK, Clock
+
+ROLES = ("user", "admin", "service")
+# Clocks of two replicas differ a little: a token minted by a peer whose clock is ahead
+# must not read as "not yet valid" (iat), nor one just expired on a clock behind.
+CLOCK_SKEW_SECONDS = 5
+
 
 class Access(enum.Enum):
     PUBLIC = "public"  # a token is optional
     USER = "user"  # any valid token
     ADMIN = "admin"  # a valid token with role admin
-    INTERNAL = "internal"  # service-to-service only; never routed by the edge
+    INTERNAL = "internal"  # a `service` token only; never routed by the edge
 
 
 @dataclass(frozen=True)
@@ -29,6 +42,10 @@ class Principal:
     @property
     def is_admin(self) -> bool:
         return self.role == "admin"
+
+    @property
+    def is_service(self) -> bool:
+        return self.role == "service"
 
 
 current_principal: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
@@ -52,29 +69,79 @@ def verify(authorization: str | None, secret: str) -> Principal | None:
     if scheme.lower() != "bearer" or not token:
         raise AuthError("authorization must be 'Bearer <token>'")
     try:
-        claims = jwt.decode(token.strip(), secret, algorithms=["HS256"], options={"require": ["exp", "sub"]})
+        claims = jwt.decode(
+            token.strip(),
+            secret,
+            algorithms=["HS256"],
+            options={"require": ["exp", "sub"]},
+            leeway=CLOCK_SKEW_SECONDS,
+        )
     except jwt.PyJWTError as exc:
         raise AuthError(f"invalid token: {exc}") from None
     role = claims.get("role", "user")
-    if role not in ("user", "admin"):
-        raise AuthError("invalid token: role must be user or admin")
+    if role not in ROLES:
+        raise AuthError("invalid token: role must be user, admin or service")
     return Principal(subject=str(claims["sub"]), role=role)
 
 
 def authorize(access: Access, principal: Principal | None) -> None:
-    if access in (Access.PUBLIC, Access.INTERNAL):
+    if access is Access.PUBLIC:
         return
     if principal is None:
         raise AuthError("authentication required")
     if access is Access.ADMIN and not principal.is_admin:
         raise AuthError("admin role required", denied=True)
+    if access is Access.INTERNAL and not principal.is_service:
+        raise AuthError("service token required", denied=True)
 
 
-def issue_token(secret: str, subject: str, role: str = "user", ttl_seconds: int = 3600) -> str:
-    """A signed token (development tokens for `make up`, and tests)."""
-    now = int(time.time())
+def issue_token(
+    secret: str, subject: str, role: str = "user", ttl_seconds: int = 3600, now: float | None = None
+) -> str:
+    """A signed token (development tokens for `make up`, service tokens, and tests)."""
+    issued = int(time.time() if now is None else now)
     return jwt.encode(
-        {"sub": subject, "role": role, "iat": now, "exp": now + ttl_seconds},
+        {"sub": subject, "role": role, "iat": issued, "exp": issued + ttl_seconds},
         secret,
         algorithm="HS256",
     )
+
+
+class ServiceTokens:
+    """The `service` token a service presents to the others, minted by itself.
+
+    `sub` is the service's name. A token lives `ttl_seconds` (5 minutes by
+    default) and is re-minted once less than `refresh_before` seconds of it
+    remain, so a call never leaves with a token about to expire.
+    """
+
+    def __init__(
+        self,
+        secret: str,
+        service: str,
+        ttl_seconds: int = 300,
+        refresh_before: float = 60.0,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        if not 0 <= refresh_before < ttl_seconds:
+            raise ValueError("refresh_before must be shorter than ttl_seconds")
+        self._secret = secret
+        self.service = service
+        self._ttl = ttl_seconds
+        self._refresh_before = refresh_before
+        self._clock = clock
+        self._token = ""
+        self._expires = 0.0
+        self.minted = 0
+
+    def token(self) -> str:
+        now = self._clock.time()
+        if now >= self._expires - self._refresh_before:
+            self._token = issue_token(self._secret, self.service, "service", self._ttl, now=now)
+            self._expires = int(now) + self._ttl
+            self.minted += 1
+        return self._token
+
+    def metadata(self) -> tuple[str, str]:
+        """The `authorization` metadata pair to send."""
+        return ("authorization", f"Bearer {self.token()}")

@@ -4,14 +4,17 @@ timing (Prometheus and the monitoring reporter) and error mapping."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
+import inspect
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import grpc
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from .auth import Access, AuthError, authorize, current_principal, verify
 from .errors import ServiceError
@@ -32,10 +35,21 @@ RPC_HANDLED = Counter(
     ["grpc_service", "grpc_method", "grpc_code"],
 )
 
+IN_FLIGHT = Gauge("grpc_server_in_flight", "RPCs being served (streams included).")
+
 TimingSink = Callable[[str, str, float], None]  # (method, status code name, duration ms)
 
 
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps every RPC of the services registered with an access level, unary and
+    server-streaming alike (client-streaming RPCs are refused at registration).
+
+    For a server stream, authentication happens before the first message, the
+    status is the stream's final one, and the latency recorded is the time to
+    the first message (or to the end, if none was sent): a live stream that
+    stays open for minutes must not read as a slow endpoint.
+    """
+
     def __init__(
         self,
         access: Mapping[str, Access],
@@ -45,6 +59,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         self._access = access
         self._secret = jwt_secret
         self._sink = timing_sink
+        self.in_flight = 0
 
     async def intercept_service(
         self,
@@ -53,54 +68,134 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
         access = self._access.get(details.method)
-        if handler is None or access is None or handler.unary_unary is None:
+        if handler is None or access is None:
             return handler  # health, reflection: not ours to wrap
-        metadata = dict(details.invocation_metadata or ())
-        behavior = handler.unary_unary
-        method = details.method
-        service, _, name = method[1:].rpartition("/")
+        call = _Call(self, access, details)
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                call.unary(handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                call.stream(handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        # Client streams are refused by ServiceApp.add_service; never serve one unchecked.
+        raise RuntimeError(f"{details.method}: client-streaming RPCs are not supported by the kit")
 
+
+class _Call:
+    """What one RPC's wrapper needs: its method, access level and metadata."""
+
+    def __init__(self, owner: ServiceInterceptor, access: Access, details: grpc.HandlerCallDetails) -> None:
+        self.owner = owner
+        self.access = access
+        self.method = details.method
+        self.service, _, self.name = details.method[1:].rpartition("/")
+        self.metadata = dict(details.invocation_metadata or ())
+
+    def _begin(self) -> contextvars.Token[str]:
+        """Request id, then authentication (raises AuthError)."""
+        rid_token = request_id.set(self.metadata.get("x-request-id") or uuid.uuid4().hex)
+        self.owner.in_flight += 1
+        IN_FLIGHT.inc()
+        return rid_token
+
+    def _authenticate(self) -> None:
+        principal = verify(self.metadata.get("authorization"), self.owner._secret)
+        authorize(self.access, principal)
+        current_principal.set(principal)
+
+    async def _fail(self, exc: Exception, context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+        """Map an exception to the RPC's status and abort with it (raises AbortError)."""
+        if isinstance(exc, AuthError):
+            code = grpc.StatusCode.PERMISSION_DENIED if exc.denied else grpc.StatusCode.UNAUTHENTICATED
+            await context.abort(code, str(exc))
+        if isinstance(exc, ServiceError):
+            status = exc.to_status()
+            await context.abort(status.code, status.details, status.trailing_metadata)
+        if isinstance(exc, NotImplementedError):
+            # The generated base servicer's answer for an RPC not built yet.
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{self.name} is not implemented yet")
+        log.exception("unhandled error", extra={"method": self.method}, exc_info=exc)
+        await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+        raise AssertionError("unreachable")  # context.abort always raises
+
+    def _end(self, code: grpc.StatusCode, seconds: float, rid_token: contextvars.Token[str]) -> None:
+        self.owner.in_flight -= 1
+        IN_FLIGHT.dec()
+        RPC_SECONDS.labels(self.service, self.name).observe(seconds)
+        RPC_HANDLED.labels(self.service, self.name, code.name).inc()
+        sink = self.owner._sink
+        if sink is not None:
+            try:
+                sink(self.method, code.name, seconds * 1000.0)
+            except Exception:  # a sink must never fail the RPC
+                log.exception("timing sink failed")
+        with contextlib.suppress(ValueError):  # a generator may be closed in another context
+            request_id.reset(rid_token)
+
+    def unary(self, behavior: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]) -> Any:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            rid = metadata.get("x-request-id") or uuid.uuid4().hex
-            rid_token = request_id.set(rid)
+            rid_token = self._begin()
             started = time.perf_counter()
             code = grpc.StatusCode.OK
             try:
-                principal = verify(metadata.get("authorization"), self._secret)
-                authorize(access, principal)
-                current_principal.set(principal)
+                self._authenticate()
                 return await behavior(request, context)
-            except AuthError as exc:
-                code = grpc.StatusCode.PERMISSION_DENIED if exc.denied else grpc.StatusCode.UNAUTHENTICATED
-                await context.abort(code, str(exc))
-            except ServiceError as exc:
-                code = exc.code
-                status = exc.to_status()
-                await context.abort(status.code, status.details, status.trailing_metadata)
-            except NotImplementedError:
-                # The generated base servicer's answer for an RPC not built yet.
-                code = grpc.StatusCode.UNIMPLEMENTED
-                await context.abort(code, f"{name} is not implemented yet")
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
                 raise
             except grpc.aio.AbortError:
                 code = context.code() or grpc.StatusCode.UNKNOWN
                 raise
-            except Exception:
-                code = grpc.StatusCode.INTERNAL
-                log.exception("unhandled error", extra={"method": method})
-                await context.abort(code, "internal error")
+            except Exception as exc:
+                code = _code_of(exc)
+                await self._fail(exc, context)
             finally:
-                elapsed = time.perf_counter() - started
-                RPC_SECONDS.labels(service, name).observe(elapsed)
-                RPC_HANDLED.labels(service, name, code.name).inc()
-                if self._sink is not None:
-                    self._sink(method, code.name, elapsed * 1000.0)
-                request_id.reset(rid_token)
+                self._end(code, time.perf_counter() - started, rid_token)
 
-        return grpc.unary_unary_rpc_method_handler(
-            wrapped,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return wrapped
+
+    def stream(self, behavior: Callable[[Any, grpc.aio.ServicerContext], Any]) -> Any:
+        if not inspect.isasyncgenfunction(behavior):
+            # A handler writing with context.write(): a coroutine like a unary one.
+            return self.unary(behavior)
+
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            rid_token = self._begin()
+            started = time.perf_counter()
+            first: float | None = None
+            code = grpc.StatusCode.OK
+            try:
+                self._authenticate()
+                async for message in behavior(request, context):
+                    if first is None:
+                        first = time.perf_counter()
+                    yield message
+            except (asyncio.CancelledError, GeneratorExit):
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except grpc.aio.AbortError:
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            except Exception as exc:
+                code = _code_of(exc)
+                await self._fail(exc, context)
+            finally:
+                self._end(code, (first if first is not None else time.perf_counter()) - started, rid_token)
+
+        return wrapped
+
+
+def _code_of(exc: Exception) -> grpc.StatusCode:
+    if isinstance(exc, AuthError):
+        return grpc.StatusCode.PERMISSION_DENIED if exc.denied else grpc.StatusCode.UNAUTHENTICATED
+    if isinstance(exc, ServiceError):
+        return exc.code
+    if isinstance(exc, NotImplementedError):
+        return grpc.StatusCode.UNIMPLEMENTED
+    return grpc.StatusCode.INTERNAL

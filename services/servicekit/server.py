@@ -31,7 +31,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
 from . import db
-from .auth import Access
+from .auth import Access, ServiceTokens
+from .channels import service_channel
 from .config import ServiceSettings
 from .interceptors import ServiceInterceptor, TimingSink
 
@@ -68,6 +69,9 @@ class ServiceApp:
         self._metrics_server: Any = None
         self._stopping = asyncio.Event()
         self.timing_sink: TimingSink | None = None
+        # This service's own `service` token, for calling the others' internal RPCs.
+        self.service_tokens = ServiceTokens(settings.auth_jwt_secret, name)
+        self._channels: dict[str, grpc.aio.Channel] = {}
 
     # -- resources ---------------------------------------------------------
     async def connect(self) -> None:
@@ -123,9 +127,21 @@ class ServiceApp:
         missing = [m.name for m in descriptor.methods if m.name not in access]
         if missing:
             raise ValueError(f"no access level for {descriptor.full_name} methods {missing}")
+        client_streams = [m.name for m in descriptor.methods if m.client_streaming]
+        if client_streams:
+            raise ValueError(f"client-streaming RPCs are not supported by the kit: {client_streams}")
         for method, level in access.items():
             self._access[f"/{descriptor.full_name}/{method}"] = level
         self._services.append((descriptor, servicer, add_to_server))
+
+    def service_channel(self, address: str) -> grpc.aio.Channel:
+        """A channel to another service whose calls carry this service's token (one per
+        address, closed at shutdown after the shutdown hooks ran):
+        ``MonitoringServiceStub(app.service_channel(settings.monitoring_addr))``."""
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = service_channel(address, self.service_tokens)
+        return channel
 
     def on_shutdown(self, hook: Hook) -> None:
         """Run after the server stopped taking RPCs (flush buffers here)."""
@@ -274,6 +290,8 @@ class ServiceApp:
                 await hook()
             except Exception:
                 log.exception("shutdown hook failed")
+        for channel in self._channels.values():
+            await channel.close()
         for cache in self._caches:
             await cache.close()
         if self.redis is not None:

@@ -127,15 +127,16 @@ async def test_errors_are_mapped(probe: Any) -> None:
         assert bad_request_violations(err.value) == [
             ("alerts[0].severity", "must be warning, error or critical")
         ]
+        service = bearer(issue_token(JWT_SECRET, "analytics", "service"))  # internal RPCs
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await stub.GetServiceSummary(monitoring_pb2.GetServiceSummaryRequest())
+            await stub.GetServiceSummary(monitoring_pb2.GetServiceSummaryRequest(), metadata=service)
         assert err.value.code() == grpc.StatusCode.INTERNAL
         assert err.value.details() == "internal error"
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await stub.ReportServiceStats(monitoring_pb2.ReportServiceStatsRequest())
+            await stub.ReportServiceStats(monitoring_pb2.ReportServiceStatsRequest(), metadata=service)
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await stub.RecordApiTimings(monitoring_pb2.RecordApiTimingsRequest())
+            await stub.RecordApiTimings(monitoring_pb2.RecordApiTimingsRequest(), metadata=service)
         assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
