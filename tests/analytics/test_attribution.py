@@ -33,7 +33,9 @@ A_TOUCH = [
 A_PAID = Conversion("o-a", "a", T, Decimal("30.00"), "USD")
 
 
-def revenue_of(model: str, conversions: list[Conversion], touch: dict[str, list[Touchpoint]]) -> dict[str, str]:
+def revenue_of(
+    model: str, conversions: list[Conversion], touch: dict[str, list[Touchpoint]]
+) -> dict[str, str]:
     result = attribute(model, "source", conversions, touch, {})
     return {f"{g}/{c}": money(t.revenue, c) for (g, c), t in result.groups.items()}
 
@@ -135,11 +137,19 @@ def test_costs_follow_the_first_conversion_and_the_credits() -> None:
     response = to_response(result, rates, "30d", "linear", "effect", T)
     rows = {r.group: r for r in response.rows}
     # fx-1: 5.00 + 6.666.. = 11.67; coins 2.25 + 1.333.. = 3.5833; cost 1.79; margin 9.875 -> 9.88.
-    assert (rows["fx-1"].revenue, rows["fx-1"].runninghub_cost, rows["fx-1"].margin) == ("11.67", "1.79", "9.88")
+    assert (rows["fx-1"].revenue, rows["fx-1"].runninghub_cost, rows["fx-1"].margin) == (
+        "11.67",
+        "1.79",
+        "9.88",
+    )
     assert rows["fx-1"].runninghub_cost_coins == pytest.approx(2.25 + 4 / 3)
     assert rows["fx-1"].conversions == pytest.approx(0.5 + 1 / 3)
     # fx-3: a third of o-2 only: 6.67, coins 1.3333, cost 0.67, margin 6.00.
-    assert (rows["fx-3"].revenue, rows["fx-3"].runninghub_cost, rows["fx-3"].margin) == ("6.67", "0.67", "6.00")
+    assert (rows["fx-3"].revenue, rows["fx-3"].runninghub_cost, rows["fx-3"].margin) == (
+        "6.67",
+        "0.67",
+        "6.00",
+    )
     assert [(t.currency, t.revenue, t.conversions) for t in response.totals] == [("USD", "30.00", 2)]
     # Without a rate for the currency: coins only, no money cost or margin.
     bare = to_response(result, {}, "30d", "linear", "effect", T)

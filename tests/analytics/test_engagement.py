@@ -29,7 +29,10 @@ D = 2 ** (-1 / 7)  # one day of decay (half-life 7 days)
 
 
 @pytest.fixture
-async def client(start_service: StartService, connect: Callable[[ServiceApp], Client]) -> Client:
+async def client(
+    start_service: StartService,
+    connect: Callable[[ServiceApp], Client],  # noqa: F811
+) -> Client:
     return connect(await start_service(analytics_app(), **FRESH))
 
 
