@@ -18,6 +18,7 @@ from google.protobuf.message import Message
 from gateway.config import Settings
 from gateway.routes import Route, RouteTable, build_routes, load_descriptors
 from gateway.status import StatusRenderer, status_json
+from gateway.streaming import stream_route
 from gateway.transcode import TranscodeError, Transcoder
 
 access_log = logging.getLogger("gateway.access")
@@ -174,6 +175,8 @@ class Edge:
         except TranscodeError as exc:
             return error_response(400, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
+        if route.method.server_streaming:  # SSE or NDJSON: gateway/streaming.py
+            return await stream_route(self, request, route, message, self._metadata(request))
         call = self._call(route)
         if call is None:
             return error_response(

@@ -7,23 +7,19 @@ import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from cosnap.analytics.v1 import analytics_pb2, analytics_pb2_grpc
 from cosnap.monitoring.v1 import monitoring_pb2_grpc
 from services.servicekit.auth import Access
 from services.servicekit.cache import RAW_BYTES
-from services.servicekit.config import ServiceSettings
 from services.servicekit.server import ServiceApp
 
-from .attribution import AttributionReports, parse_rates
-from .business import Business, BusinessRpcs
+from .business import Business, BusinessRpcs, BusinessSettings, wire_business
 from .dashboard import Dashboard
-from .engagement import EngagementReports
 from .funnel import FunnelReports
 from .ingest import GroupCommitter
 from .partitions import PartitionMaintainer
-from .preagg import Preaggregator
 from .servicer import AnalyticsServicer
 from .validation import Limits
 
@@ -46,7 +42,7 @@ ACCESS = {
 }
 
 
-class AnalyticsSettings(ServiceSettings):
+class AnalyticsSettings(BusinessSettings):
     grpc_port: int = Field(50051, ge=0, le=65535)
     metrics_port: int = Field(9101, ge=0, le=65535)
     analytics_retention_days: int = Field(30, ge=1, le=3650, description="Raw data and rollups kept.")
@@ -64,24 +60,6 @@ class AnalyticsSettings(ServiceSettings):
     )
     analytics_dashboard_ttl_seconds: float = Field(10.0, ge=0, description="Dashboard cache lifetime.")
     analytics_funnel_ttl_seconds: float = Field(60.0, ge=0, description="Funnel report cache lifetime.")
-    analytics_business_ttl_seconds: float = Field(
-        60.0, ge=0, description="Engagement and attribution report cache lifetime."
-    )
-    analytics_preagg_interval_seconds: float = Field(
-        60.0, gt=0, description="How often the engagement / acquisition pre-aggregation runs."
-    )
-    analytics_preagg_min_age_seconds: float = Field(
-        60.0, ge=0, description="A changed day is re-aggregated at most this often."
-    )
-    analytics_runninghub_coin_rates: str = Field(
-        "", description="Price of one RunningHub coin per currency: USD=0.0014,CNY=0.01"
-    )
-
-    @field_validator("analytics_runninghub_coin_rates")
-    @classmethod
-    def _rates(cls, value: str) -> str:
-        parse_rates(value)  # raises ValueError naming the bad item
-        return value
 
 
 SETTINGS = AnalyticsSettings
@@ -100,7 +78,6 @@ class Analytics:
     dashboard: Dashboard
     funnels: FunnelReports
     servicer: AnalyticsServicer
-    preagg: Preaggregator
     business: Business
 
 
@@ -148,27 +125,7 @@ async def wire(app: ServiceApp) -> None:
     funnels = FunnelReports(
         pool, await app.cache("funnel", **RAW_BYTES), settings.analytics_funnel_ttl_seconds
     )
-    preagg = Preaggregator(
-        pool,
-        app.schema,
-        retention_days=settings.analytics_retention_days,
-        min_age_seconds=settings.analytics_preagg_min_age_seconds,
-        interval_seconds=settings.analytics_preagg_interval_seconds,
-    )
-    app.run_in_background(preagg.run_forever(), "analytics-preagg")
-    business_cache = await app.cache("business", **RAW_BYTES)
-    business = Business(
-        engagement=EngagementReports(
-            pool, business_cache, settings.analytics_business_ttl_seconds, preagg.run_once
-        ),
-        attribution=AttributionReports(
-            pool,
-            business_cache,
-            settings.analytics_business_ttl_seconds,
-            parse_rates(settings.analytics_runninghub_coin_rates),
-            preagg.run_once,
-        ),
-    )
+    business = await wire_business(app, settings, monitoring)
     servicer = Servicer(
         committer,
         dashboard,
@@ -179,4 +136,4 @@ async def wire(app: ServiceApp) -> None:
     )
     servicer.business = business
     app.add_service(SERVICE, servicer, analytics_pb2_grpc.add_AnalyticsServiceServicer_to_server, ACCESS)
-    _STATE[app] = Analytics(committer, maintainer, dashboard, funnels, servicer, preagg, business)
+    _STATE[app] = Analytics(committer, maintainer, dashboard, funnels, servicer, business)

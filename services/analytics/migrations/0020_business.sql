@@ -52,8 +52,10 @@ CREATE TABLE weekly_reports (
     summary      text        NOT NULL DEFAULT '',
     html         text,
     pdf          bytea,
+    png          bytea,       -- page one, for the e-mail
     sent_to      text[]      NOT NULL DEFAULT '{}',
     sent_at      timestamptz,
+    send_attempted_at timestamptz,
     send_error   text
 );
 CREATE INDEX weekly_reports_start ON weekly_reports (week_start DESC);
