@@ -57,6 +57,7 @@ def test_every_public_path_is_annotated() -> None:
         "POST /api/analytics/funnel",
         "GET /api/analytics/funnel",
         "GET /api/analytics/dashboard/performance",
+        "POST /api/analytics/revenue",
         "GET /api/analytics/engagement",
         "GET /api/analytics/engagement/users/{user_id}",
         "GET /api/analytics/revenue/attribution",

@@ -33,6 +33,8 @@ ACCESS = {
     "RecordFunnelSteps": Access.PUBLIC,
     "GetFunnelReport": Access.ADMIN,
     "GetPerformanceDashboard": Access.ADMIN,
+    "RecordRevenue": Access.ADMIN,  # admin or service token (the payment side)
+    "RecordTaskEnds": Access.INTERNAL,  # service token only: server facts from effects
     "GetEngagementReport": Access.ADMIN,
     "GetUserEngagement": Access.USER,  # the servicer lets a user read only their own
     "GetRevenueAttribution": Access.ADMIN,

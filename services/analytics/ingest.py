@@ -292,7 +292,7 @@ bins AS (
 ), stats AS (
     INSERT INTO rollup_metrics AS r (bucket_start, name, page, count, sum, good, needs_improvement,
                                      poor)
-    SELECT bucket, name, page, sum(sign), sum(sign * value),
+    SELECT bucket, name, page, sum(sign), sum(sign * value::numeric),
            coalesce(sum(sign) FILTER (WHERE rating = 'good'), 0),
            coalesce(sum(sign) FILTER (WHERE rating = 'needs-improvement'), 0),
            coalesce(sum(sign) FILTER (WHERE rating = 'poor'), 0)

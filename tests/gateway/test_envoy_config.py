@@ -368,6 +368,12 @@ def contract() -> dict[str, dict[str, list[tuple[str, str]]]]:
     return load_contract()
 
 
+def server_streams() -> set[str]:
+    """Names of the methods that stream their replies."""
+    fds = descriptor_pb2.FileDescriptorSet.FromString(DESCRIPTOR_SET.read_bytes())
+    return {m.name for f in fds.file for s in f.service for m in s.method if m.server_streaming}
+
+
 def cluster_for_service(bootstrap: Any) -> dict[str, str]:
     """gRPC service name -> the cluster whose health check asks for it."""
     out = {}
@@ -528,7 +534,13 @@ def test_every_public_method_reaches_its_cluster(bootstrap: Any, contract: dict)
             route = match(table, f"/{service}/{method}")
             assert route is not None and route.WhichOneof("action") == "route", f"{service}/{method}"
             assert route.route.cluster == owner[service]
-            timeouts[service] = route.route.timeout.ToTimedelta()
+            timeout = route.route.timeout.ToTimedelta()
+            if timeout == timedelta(0):
+                # Only a server stream runs without a deadline, and then with an idle timeout.
+                assert method in server_streams(), f"{service}/{method} has no timeout"
+                assert route.route.idle_timeout.ToTimedelta() > timedelta(0)
+            else:
+                timeouts[service] = timeout
             for verb, template in bindings:
                 # Before transcoding, CORS and the rate limit need a route *with a route action*
                 # for the REST path (Envoy's CORS filter skips requests without one).
@@ -604,3 +616,27 @@ def test_admin_is_local_and_only_ready_and_metrics_are_exposed(bootstrap: Any) -
     address = endpoint.endpoint.address.socket_address
     assert (address.address, address.port_value) == (admin.address, admin.port_value)
     assert {r.route.cluster for r in vhost.routes} == {target.name}
+
+
+def test_live_stream_routes(bootstrap: Any) -> None:
+    """The live dashboard: SSE when the client accepts text/event-stream, else NDJSON; no
+    deadline but an idle timeout, before and after transcoding."""
+    table = routes(bootstrap)
+    path = "/api/analytics/dashboard/performance:stream"
+    stream_routes = [r for r in table if r.match.path == path]
+    assert len(stream_routes) == 2
+    sse, ndjson = stream_routes
+    (header,) = sse.match.headers
+    assert (header.name, header.string_match.contains) == ("accept", "text/event-stream")
+    assert not ndjson.match.headers
+    (base,) = [c for name, c in http_filters(bootstrap) if name == TRANSCODER]
+    for route, option in ((sse, "stream_sse_style_delimited"), (ndjson, "stream_newline_delimited")):
+        assert route.route.cluster == "analytics"
+        assert route.route.timeout.ToTimedelta() == timedelta(0)
+        assert route.route.idle_timeout.ToTimedelta() > timedelta(0)
+        override = unpack(route.typed_per_filter_config[TRANSCODER])
+        assert getattr(override.print_options, option) is True
+        setattr(override.print_options, option, False)
+        assert override == base, f"the {option} override differs from the filter in more than that"
+    grpc_route = match(table, "/cosnap.analytics.v1.AnalyticsService/StreamPerformanceDashboard")
+    assert grpc_route is not None and grpc_route.route.timeout.ToTimedelta() == timedelta(0)
