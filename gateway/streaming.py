@@ -43,25 +43,25 @@ class _Watcher:
     """One task polling every open stream's connection; cancels the calls whose client left."""
 
     def __init__(self) -> None:
-        self._open: dict[web.Request, grpc.aio.Call] = {}
+        self._open: dict[int, tuple[web.Request, grpc.aio.Call]] = {}  # by id(request)
         self._task: asyncio.Task[None] | None = None
 
     def add(self, request: web.Request, call: grpc.aio.Call) -> None:
-        self._open[request] = call
+        self._open[id(request)] = (request, call)
         if self._task is None or self._task.done():
             self._task = asyncio.ensure_future(self._poll())
 
     def discard(self, request: web.Request) -> None:
-        self._open.pop(request, None)
+        self._open.pop(id(request), None)
 
     async def _poll(self) -> None:
         while self._open:
             await asyncio.sleep(POLL_SECONDS)
-            for request, call in list(self._open.items()):
+            for key, (request, call) in list(self._open.items()):
                 transport = request.transport
                 if transport is None or transport.is_closing():
                     call.cancel()
-                    self._open.pop(request, None)
+                    self._open.pop(key, None)
 
 
 _WATCHERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Watcher] = weakref.WeakKeyDictionary()

@@ -125,7 +125,7 @@ class WeeklyReports:
         self._delay = delay
         self._check_interval = check_interval
         self._refresh = refresh
-        self._clock = clock or SystemClock()
+        self.clock = clock or SystemClock()
         self._wait_for_other = wait_for_other
         self.generated: list[str] = []  # weeks this replica made (for tests)
         self.sent: list[str] = []
@@ -135,7 +135,7 @@ class WeeklyReports:
     async def run_forever(self) -> None:
         try:
             while True:
-                await self._clock.sleep(self._check_interval)
+                await self.clock.sleep(self._check_interval)
                 try:
                     await self.tick()
                 except Exception as exc:
@@ -148,7 +148,7 @@ class WeeklyReports:
         Returns the week made, if any."""
         if not await self.leader.acquire():
             return None
-        now = self._clock.now()
+        now = self.clock.now()
         week = last_complete_week(now)
         made = None
         if now >= week.end + self._delay and await self._claim(week, "scheduled", now):
@@ -252,7 +252,7 @@ class WeeklyReports:
 
     async def _ready(self, week: Week) -> asyncpg.Record:
         """The stored report of `week`, made now when it has none; waits for another replica's."""
-        deadline = self._clock.monotonic() + self._wait_for_other
+        deadline = self.clock.monotonic() + self._wait_for_other
         while True:
             async with self._pool.acquire() as conn:
                 row = await conn.fetchrow(
@@ -260,7 +260,7 @@ class WeeklyReports:
                 )
             if row is not None and row["status"] == "ready":
                 return row
-            now = self._clock.now()
+            now = self.clock.now()
             if row is None:
                 if now < week.end:
                     raise ServiceError(
@@ -271,7 +271,7 @@ class WeeklyReports:
                 if await self._claim(week, "on_demand", now):
                     await self._generate(week, now)
                     continue
-            if self._clock.monotonic() > deadline:
+            if self.clock.monotonic() > deadline:
                 raise ServiceError(grpc.StatusCode.UNAVAILABLE, f"report {week.label} is being made; retry")
             await asyncio.sleep(0.5)
 

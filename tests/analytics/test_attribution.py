@@ -4,11 +4,16 @@ last tests run them end to end over a real service's tables."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
+import aiohttp
+import asyncpg
 import pytest
 
+from cosnap.analytics.v1 import analytics_pb2
 from services.analytics.attribution import (
     Conversion,
     Task,
@@ -20,6 +25,9 @@ from services.analytics.attribution import (
     task_costs,
     to_response,
 )
+from services.servicekit.server import ServiceApp
+from tests.analytics.business_support import ADMIN, FRESH, Client, analytics_app, auth, connect  # noqa: F401
+from tests.conftest import StartService
 
 T = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 DAY = timedelta(days=1)
@@ -169,3 +177,92 @@ def test_money_rounds_half_even_to_minor_units() -> None:
     assert money(Decimal("2.355"), "USD") == "2.36"
     assert money(Decimal("1.2345"), "KWD") == "1.234"
     assert money(Decimal("499.5"), "JPY") == "500"
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+async def test_attribution_over_the_service_tables(
+    start_service: StartService,
+    connect: Callable[[ServiceApp], Client],  # noqa: F811
+    admin_pg: asyncpg.Connection,
+    start_edge: Callable[..., Any],
+) -> None:
+    c = connect(await start_service(analytics_app(), analytics_runninghub_coin_rates="USD=0.5", **FRESH))
+    now = datetime.now(UTC)
+    # User a: a google / spring session 5 days ago, then a facebook referral 2 days ago.
+    await c.events(
+        "a", now - 5 * DAY, session="s-google", properties={"utm_source": "Google", "utm_campaign": "spring"}
+    )
+    await c.events("a", now - 5 * DAY + timedelta(minutes=1), session="s-google")
+    await c.events(
+        None, now - 2 * DAY, session="s-fb", properties={"referrer": "https://www.facebook.com/x?y=1"}
+    )
+    await c.events("a", now - 2 * DAY + timedelta(minutes=1), session="s-fb")  # logged in later
+    # Revenue and server facts, as the ingest stores them (RecordRevenue / RecordTaskEnds).
+    schema = c.app.schema
+    await admin_pg.executemany(
+        f'INSERT INTO "{schema}".revenue (order_id, user_id, amount, currency, occurred_at) VALUES ($1, $2, $3, $4, $5)',
+        [
+            ("o-a", "a", Decimal("30.00"), "USD", now - timedelta(hours=1)),
+            ("o-b", "b", Decimal("1000"), "JPY", now - timedelta(hours=2)),
+        ],
+    )
+    await admin_pg.executemany(
+        f'INSERT INTO "{schema}".task_ends (task_id, effect_id, user_id, status, cost_coins, occurred_at)'
+        " VALUES ($1, $2, $3, 'SUCCEEDED', $4, $5)",
+        [("t1", "fx-1", "a", Decimal("2"), now - 4 * DAY), ("t2", "fx-2", "a", Decimal("1"), now - DAY)],
+    )
+
+    async def rows(model: str, group_by: str) -> dict[tuple[str, str], tuple[str, float, float, str, str]]:
+        reply = await c.stub.GetRevenueAttribution(
+            analytics_pb2.GetRevenueAttributionRequest(model=model, group_by=group_by),
+            metadata=ADMIN,
+            timeout=30,
+        )
+        assert [(t.currency, t.revenue, t.conversions) for t in reply.totals] == [
+            ("JPY", "1000", 1),
+            ("USD", "30.00", 1),
+        ]
+        return {
+            (r.group, r.currency): (
+                r.revenue,
+                r.conversions,
+                r.runninghub_cost_coins,
+                r.runninghub_cost,
+                r.margin,
+            )
+            for r in reply.rows
+        }
+
+    # Last touch by source: facebook.com (the referrer's host); b had no session: (direct).
+    assert await rows("last_touch", "source") == {
+        ("facebook.com", "USD"): ("30.00", 1.0, 3.0, "1.50", "28.50"),
+        ("(direct)", "JPY"): ("1000", 1.0, 0.0, "", ""),
+    }
+    assert await rows("first_touch", "campaign") == {
+        ("spring", "USD"): ("30.00", 1.0, 3.0, "1.50", "28.50"),
+        ("(none)", "JPY"): ("1000", 1.0, 0.0, "", ""),
+    }
+    # Linear over the effects a ran: fx-1 and fx-2 half each (15.00, 1.5 coins = 0.75).
+    assert await rows("linear", "effect") == {
+        ("fx-1", "USD"): ("15.00", 0.5, 1.5, "0.75", "14.25"),
+        ("fx-2", "USD"): ("15.00", 0.5, 1.5, "0.75", "14.25"),
+        ("(none)", "JPY"): ("1000", 1.0, 0.0, "", ""),
+    }
+
+    base = await start_edge(c.app)
+    async with aiohttp.ClientSession() as http:
+        admin = {"Authorization": ADMIN[0][1]}
+        url = f"{base}/api/analytics/revenue/attribution?model=time_decay&groupBy=source&window=7d"
+        async with http.get(url, headers=admin) as resp:
+            assert resp.status == 200
+            body = await resp.json()
+        assert {r["group"] for r in body["rows"]} == {"google", "facebook.com", "(direct)"}
+        for query in ("model=u_shaped", "groupBy=page", "window=1d"):
+            async with http.get(f"{base}/api/analytics/revenue/attribution?{query}", headers=admin) as resp:
+                assert resp.status == 400, query
+        async with http.get(
+            f"{base}/api/analytics/revenue/attribution", headers={"Authorization": auth("a")[0][1]}
+        ) as resp:
+            assert resp.status == 403

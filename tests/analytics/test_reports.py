@@ -20,6 +20,7 @@ from aiosmtpd.controller import Controller
 from cosnap.analytics.v1 import analytics_pb2
 from services.analytics.report_data import gather
 from services.analytics.weeks import Week, last_complete_week, parse_week, week_of
+from services.servicekit.clock import ManualClock, SystemClock
 from services.servicekit.errors import ServiceError, bad_request_violations
 from services.servicekit.server import ServiceApp
 from tests.analytics.business_support import (
@@ -30,6 +31,7 @@ from tests.analytics.business_support import (
     connect,  # noqa: F401  (fixture)
     day_at,
 )
+from tests.analytics.test_dashboard import monitoring  # noqa: F401  (fixture)
 from tests.conftest import StartService
 from tests.support import free_port, unique_name
 
@@ -251,6 +253,8 @@ async def test_report_without_monitoring_and_paging(
         )
     )
     week = last_complete_week(datetime.now(UTC))
+    # Monday 01:00 after the week: within a day of its end, monitoring is asked (and is down).
+    reports_of(c).clock = ManualClock(week.end + timedelta(hours=1))
     made = await reports_of(c).tick()
     assert made == week.label  # no data and monitoring down: made anyway
     page = await c.stub.GetWeeklyReport(
@@ -258,7 +262,8 @@ async def test_report_without_monitoring_and_paging(
     )
     text = page.body.data.decode()
     assert "No traffic was recorded this week." in text
-    assert "Not in this report" in text and "monitoring did not answer" in text
+    assert "Not in this report" in text and "monitoring did not answer (UNAVAILABLE)" in text
+    reports_of(c).clock = SystemClock()
     # Two more weeks on demand, then pages of one.
     for back in (1, 2):
         await c.stub.GetWeeklyReport(
@@ -283,3 +288,24 @@ async def test_report_without_monitoring_and_paging(
             analytics_pb2.ListWeeklyReportsRequest(page_token="nonsense"), metadata=ADMIN, timeout=10
         )
     assert bad_request_violations(err.value)[0][0] == "pageToken"
+
+
+async def test_report_with_monitoring_sections(
+    start_service: StartService,
+    connect: Callable[[ServiceApp], Client],  # noqa: F811
+    monitoring: tuple[Any, str],  # noqa: F811
+) -> None:
+    servicer, address = monitoring
+    c = connect(await start_service(analytics_app(), monitoring_addr=address, **FRESH))
+    week = last_complete_week(datetime.now(UTC))
+    assert c.app.pool is not None
+    made_at = week.end + timedelta(hours=2)
+    data = await gather(c.app.pool, week, made_at, reports_of(c)._monitoring)
+    assert data.unavailable == {}
+    # Monitoring was asked for the week and the two hours after it.
+    assert servicer.requests[-1].window.ToTimedelta() == timedelta(days=7, hours=2)
+    endpoints = {e.endpoint.rsplit("/", 1)[-1]: e for e in data.endpoints}
+    assert endpoints["RecordEvents"].p95_ms == 12.0
+    assert endpoints["RecordEvents"].error_rate == pytest.approx(0.025)
+    assert {(x.service, x.cache): x.hit_rate for x in data.caches}[("effects", "task")] == pytest.approx(0.9)
+    assert data.open_alerts == (3, 2, 1)
