@@ -7,7 +7,7 @@ import argparse
 import asyncio
 from typing import Any
 
-from bench import dashboard, ingest
+from bench import business, dashboard, ingest
 
 
 async def main(scale: float, only: str | None) -> dict[str, Any]:
@@ -18,12 +18,15 @@ async def main(scale: float, only: str | None) -> dict[str, Any]:
     if only in (None, "dashboard"):
         results["dashboard"] = await dashboard.run(scale)
         dashboard.print_result(results["dashboard"])
+    if only in (None, "business"):
+        results["business"] = await business.run(scale)
+        business.print_result(results["business"])
     return results
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies the work of every benchmark")
-    parser.add_argument("--only", choices=["ingest", "dashboard"], default=None)
+    parser.add_argument("--only", choices=["ingest", "dashboard", "business"], default=None)
     args = parser.parse_args()
     asyncio.run(main(args.scale, args.only))

@@ -39,6 +39,8 @@ from datetime import UTC, date, datetime, timedelta
 
 import asyncpg
 
+from services.analytics.distinct import Sketches
+
 log = logging.getLogger(__name__)
 
 Preflight = Callable[[], Awaitable[object]]  # what a report awaits before reading the tables
@@ -150,6 +152,7 @@ class Preaggregator:
             hashlib.sha256(f"analytics-preagg:{schema}".encode()).digest()[:8], "big", signed=True
         )
         self._local = asyncio.Lock()
+        self.sketches = Sketches(pool)
         self.passes = 0
 
     async def run_once(
@@ -232,5 +235,16 @@ class Preaggregator:
             await asyncio.sleep(self.interval_seconds)
             try:
                 await self.run_once()
+                await self.build_sketches()
             except Exception as exc:
                 log.error("pre-aggregation failed", extra={"error": repr(exc)})
+
+    async def build_sketches(self, now: datetime | None = None) -> int:
+        """The hourly distinct-count sketches due (``distinct.py``), under the same lock."""
+        now = now or datetime.now(UTC)
+        async with self._local, self._pool.acquire() as conn:
+            await conn.execute("SELECT pg_advisory_lock($1)", self._lock_key)
+            try:
+                return await self.sketches.build(now, now - timedelta(days=self.retention_days))
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock($1)", self._lock_key)

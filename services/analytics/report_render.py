@@ -36,6 +36,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.backends.backend_pdf import PdfPages  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import FancyBboxPatch  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from services.analytics.report_data import Vital, WeeklyData  # noqa: E402
 from services.analytics.report_text import fmt_change, fmt_count, fmt_ms, fmt_vital, summary  # noqa: E402
@@ -263,11 +264,14 @@ def _page_two(data: WeeklyData) -> Figure:
     xs = list(range(7))
     ax.bar(xs, data.events, color="#d2e3fc", label="events")
     ax.set_xticks(xs, [d.strftime("%a %d") for d in data.days], fontsize=8)
+    ax.set_ylim(0, max([1, *data.events]) * 1.15)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.yaxis.set_major_formatter(lambda y, _: fmt_count(int(y)))
     ax.set_ylabel("events", fontsize=8)
     twin = ax.twinx()
     twin.plot(xs, data.active_users, color=ACCENT, lw=2, marker="o", ms=4, label="active users")
     twin.set_ylim(0, max([1, *data.active_users]) * 1.3)
+    twin.yaxis.set_major_locator(MaxNLocator(integer=True))
     twin.set_ylabel("active users", fontsize=8, color=ACCENT)
     twin.spines["right"].set_visible(True)
     twin.tick_params(axis="y", colors=ACCENT, labelsize=7)
