@@ -40,10 +40,11 @@ import asyncpg
 import grpc
 import redis.asyncio as aioredis
 
-from bench.dashboard import DATABASE_URL, LONG, REDIS_URL, SECRET, _percentiles, _start_service
+from bench.dashboard import DATABASE_URL, LONG, REDIS_URL, SECRET, _percentiles
 from cosnap.analytics.v1 import analytics_pb2, analytics_pb2_grpc
 from services.analytics import app as analytics_app
 from services.servicekit.auth import issue_token
+from services.servicekit.server import ServiceApp
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE_EVENTS = 1_000_000
@@ -312,6 +313,30 @@ async def _stream_cpu(schema: str, seconds: float) -> dict[str, Any]:
         await asyncio.wait_for(process.wait(), 30)
 
 
+async def _start_service(schema: str) -> ServiceApp:
+    settings = analytics_app.SETTINGS(
+        database_url=DATABASE_URL,
+        redis_url=REDIS_URL,
+        db_schema=schema,
+        redis_prefix=schema,
+        auth_jwt_secret=SECRET,
+        grpc_host="127.0.0.1",
+        grpc_port=0,
+        metrics_port=0,
+        shutdown_grace_seconds=5,
+        db_pool_max=10,
+        log_level="WARNING",
+        max_connection_age_seconds=36_000,  # the benchmark's channel lives longer than 5 minutes
+        analytics_preagg_interval_seconds=36_000,  # the benchmark runs the passes itself
+        analytics_report_check_seconds=36_000,
+    )
+    app = ServiceApp(analytics_app.NAME, settings, analytics_app.MIGRATIONS)
+    await app.connect()
+    await analytics_app.wire(app)
+    await app.start()
+    return app
+
+
 async def run(scale: float = 1.0, cold_calls: int = 10, stream_seconds: float = 10.0) -> dict[str, Any]:
     events = max(10_000, int(BASE_EVENTS * scale))
     steps = max(1_000, int(BASE_STEPS * scale))
@@ -323,6 +348,7 @@ async def run(scale: float = 1.0, cold_calls: int = 10, stream_seconds: float = 
         assert app.pool is not None
         now = datetime.now(UTC)
         result["load"] = await _load(app.pool, events, steps, now)
+        print(f"  loaded: {result['load']}", flush=True)
         business = analytics_app.state(app).business
         started = time.perf_counter()
         refreshed = await business.preagg.run_once(min_age_seconds=0)
@@ -331,6 +357,10 @@ async def run(scale: float = 1.0, cold_calls: int = 10, stream_seconds: float = 
         started = time.perf_counter()
         result["sketch_hours_built"] = await business.preagg.build_sketches()
         result["sketch_build_seconds"] = round(time.perf_counter() - started, 2)
+        print(
+            f"  pre-aggregation {result['preagg_seconds']} s, sketches {result['sketch_build_seconds']} s",
+            flush=True,
+        )
 
         stub = analytics_pb2_grpc.AnalyticsServiceStub(channel)
         metadata = (("authorization", f"Bearer {issue_token(SECRET, 'bench', role='admin')}"),)
@@ -402,6 +432,7 @@ async def run(scale: float = 1.0, cold_calls: int = 10, stream_seconds: float = 
         result["cold"] = {}
         for label, (call, cache) in calls.items():
             result["cold"][label] = await _cold(call, clearing(cache), cold_calls)
+            print(f"  cold {label}: {result['cold'][label]}", flush=True)
 
         # Sketch estimates against exact distinct counts over the same hours.
         reply = await stub.GetPerformanceDashboard(
