@@ -8,7 +8,7 @@ BUF := node_modules/.bin/buf
 PROTOS := $(shell find protos -name '*.proto')
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: up test bench gen lint fmt check-gen migrate clean
+.PHONY: up test bench gen lint fmt check-gen migrate clean system-deps
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,8 +29,23 @@ gen: build/.generated
 up: build/.generated
 	$(PY) tools/up.py
 
-test: lint
+test: lint system-deps
 	$(PY) -m pytest -q
+
+# Debian packages some tests use: promtool (package prometheus: alert rule unit tests and
+# PromQL checks) and chromium (the docs page). Installed only when missing, as root with
+# apt-get; elsewhere it says what is missing and those tests skip with a reason.
+system-deps:
+	@missing=""; \
+	command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get -o DPkg::Lock::Timeout=600 update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq \
+	      --no-install-recommends $$missing; \
+	  else echo "make: missing Debian packages:$$missing (the tests that need them skip)"; fi; \
+	fi
 
 bench: build/.generated
 	$(PY) -m bench

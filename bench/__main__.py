@@ -1,4 +1,4 @@
-"""`python -m bench [--scale S] [--only ingest|dashboard]`: every benchmark, small enough
+"""`python -m bench [--scale S] [--only ingest|dashboard|monitoring]`: every benchmark, small enough
 for 2 cores in a few minutes at scale 1; `--scale` scales the work up."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import argparse
 import asyncio
 from typing import Any
 
-from bench import business, dashboard, ingest
+from bench import business, dashboard, ingest, monitoring
 
 
 async def main(scale: float, only: str | None) -> dict[str, Any]:
@@ -18,6 +18,9 @@ async def main(scale: float, only: str | None) -> dict[str, Any]:
     if only in (None, "dashboard"):
         results["dashboard"] = await dashboard.run(scale)
         dashboard.print_result(results["dashboard"])
+    if only in (None, "monitoring"):
+        results["monitoring"] = await monitoring.run(scale)
+        monitoring.print_result(results["monitoring"])
     if only in (None, "business"):
         results["business"] = await business.run(scale)
         business.print_result(results["business"])
@@ -27,6 +30,6 @@ async def main(scale: float, only: str | None) -> dict[str, Any]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies the work of every benchmark")
-    parser.add_argument("--only", choices=["ingest", "dashboard", "business"], default=None)
+    parser.add_argument("--only", choices=["ingest", "dashboard", "monitoring", "business"], default=None)
     args = parser.parse_args()
     asyncio.run(main(args.scale, args.only))

@@ -15,10 +15,12 @@ import grpc
 from aiohttp import web
 from google.protobuf.message import Message
 
+from gateway import docs
 from gateway.config import Settings
 from gateway.routes import Route, RouteTable, build_routes, load_descriptors
 from gateway.status import StatusRenderer, status_json
 from gateway.streaming import stream_route
+from gateway.timeouts import timeout_for
 from gateway.transcode import TranscodeError, Transcoder
 
 access_log = logging.getLogger("gateway.access")
@@ -187,7 +189,7 @@ class Edge:
         try:
             reply = await call(
                 message,
-                timeout=self.settings.grpc_timeout_seconds,
+                timeout=self.timeout_for(route),
                 metadata=self._metadata(request),
             )
         except grpc.aio.AioRpcError as err:
@@ -199,6 +201,13 @@ class Edge:
             return web.Response(status=status, body=payload, content_type="application/json")
         payload, content_type = self.transcoder.render_response(route, reply)
         return web.Response(body=payload, headers={"Content-Type": content_type})
+
+    def timeout_for(self, route: Route) -> float | None:
+        """The RPC's deadline from gateway/timeouts.py (Envoy's route timeout), capped by
+        EDGE_GRPC_TIMEOUT_SECONDS."""
+        seconds = timeout_for(route.grpc_path, route.method.server_streaming)
+        cap = self.settings.grpc_timeout_seconds
+        return cap if seconds is None else min(seconds, cap)
 
     def _metadata(self, request: web.Request) -> list[tuple[str, str]]:
         metadata = [("x-request-id", request[REQUEST_ID])]
@@ -299,5 +308,6 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app[EDGE] = edge
     app.cleanup_ctx.append(edge.channels_ctx)
     app.router.add_get("/healthz", edge.healthz)
+    docs.setup(app, edge.transcoder.pool, edge.routes)  # /api/openapi.json, /api/docs, /metrics
     app.router.add_route("*", "/{tail:.*}", edge.transcode)
     return app

@@ -11,6 +11,7 @@ fails when build/gen differs, so stubs never drift from protos/.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -22,7 +23,8 @@ from grpc_tools import protoc
 ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
 THIRD_PARTY = ROOT / "build" / "third_party"
-BUF = ROOT / "node_modules" / ".bin" / "buf"
+# The image build brings its own buf binary (`BUF=...`); a checkout uses the npm one.
+BUF = Path(os.environ.get("BUF") or ROOT / "node_modules" / ".bin" / "buf")
 GOOGLEAPIS_FILES = [
     "google/api/annotations.proto",
     "google/api/http.proto",

@@ -129,6 +129,9 @@ async def run() -> int:
         if not env.get("REDIS_URL"):
             env["REDIS_URL"] = await asyncio.to_thread(embedded.redis_url)
         env["MONITORING_ADDR"] = env.get("MONITORING_ADDR") or f"127.0.0.1:{ports['monitoring'][0]}"
+        env["MONITORING_HEALTH_TARGETS"] = env.get("MONITORING_HEALTH_TARGETS") or ",".join(
+            f"{name}=127.0.0.1:{ports[name][0]}" for name in ("analytics", "effects")
+        )
 
         async def spawn(name: str, module: str, extra: dict[str, str]) -> None:
             proc = await asyncio.create_subprocess_exec(

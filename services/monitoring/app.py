@@ -4,18 +4,25 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from cosnap.monitoring.v1 import monitoring_pb2, monitoring_pb2_grpc
 from services.servicekit.auth import Access
+from services.servicekit.clock import SYSTEM_CLOCK, Clock
 from services.servicekit.config import ServiceSettings
 from services.servicekit.partitions import DailyPartitions
 from services.servicekit.server import ServiceApp
 
-from .clock import Clock, SystemClock
+from .alerts import AlertBook
+from .election import Election
+from .engine import AlertEngine
+from .evaluator import Evaluator
+from .health import SystemHealth, parse_targets
+from .notify import Sender, parse_receivers
+from .rules import DEFAULT_RULES, load_rules
 from .servicer import MonitoringServicer
 from .stats import StatsStore
 from .summary import ServiceSummary
@@ -53,6 +60,36 @@ class MonitoringSettings(ServiceSettings):
     monitoring_partition_days_ahead: int = Field(2, ge=1, le=60, description="Daily partitions made ahead.")
     monitoring_partition_interval_seconds: float = Field(3600.0, gt=0)
     monitoring_max_timings: int = Field(5000, ge=1, le=100_000, description="Timings per RecordApiTimings.")
+    monitoring_max_client_alerts: int = Field(100, ge=1, le=1000, description="Alerts per client report.")
+    monitoring_rules_file: str = Field("", description="Alert rules (TOML); empty: the defaults.")
+    monitoring_eval_interval_seconds: float = Field(5.0, gt=0, le=300, description="Rule evaluation period.")
+    monitoring_webhook_urls: str = Field("", description="name=url,... receiving Alertmanager webhooks.")
+    monitoring_external_url: str = Field("", description="generatorURL / externalURL in notifications.")
+    monitoring_notify_timeout_seconds: float = Field(5.0, gt=0, le=120)
+    monitoring_notify_attempts: int = Field(5, ge=1, le=50, description="Tries per delivery round.")
+    monitoring_notify_backoff_seconds: float = Field(0.5, gt=0, le=60)
+    monitoring_health_targets: str = Field("", description="name=host:port of every service to check.")
+    monitoring_health_timeout_seconds: float = Field(1.0, gt=0, le=30)
+    monitoring_health_slow_ms: float = Field(500.0, gt=0)
+    monitoring_health_ttl_seconds: float = Field(1.5, ge=0, le=60)
+
+    @field_validator("monitoring_rules_file")
+    @classmethod
+    def _rules(cls, value: str) -> str:
+        load_rules(Path(value) if value else DEFAULT_RULES)
+        return value
+
+    @field_validator("monitoring_webhook_urls")
+    @classmethod
+    def _receivers(cls, value: str) -> str:
+        parse_receivers(value)
+        return value
+
+    @field_validator("monitoring_health_targets")
+    @classmethod
+    def _targets(cls, value: str) -> str:
+        parse_targets(value)
+        return value
 
 
 SETTINGS = MonitoringSettings
@@ -65,8 +102,9 @@ class Monitoring:
     clock: Clock
     maintainer: DailyPartitions
     timings: TimingStore
-    stats: StatsStore
-    summary: ServiceSummary
+    alerts: AlertBook
+    health: SystemHealth
+    engine: AlertEngine
     servicer: MonitoringServicer
 
 
@@ -80,9 +118,9 @@ def state(app: ServiceApp) -> Monitoring:
 async def wire(app: ServiceApp, clock: Clock | None = None) -> None:
     settings = app.settings
     assert isinstance(settings, MonitoringSettings)
-    assert app.pool is not None, "connect() first"
+    assert app.pool is not None and app.redis is not None, "connect() first"
     pool = app.pool
-    clock = clock or SystemClock()
+    clock = clock or SYSTEM_CLOCK
 
     maintainer = DailyPartitions(
         pool,
@@ -98,12 +136,53 @@ async def wire(app: ServiceApp, clock: Clock | None = None) -> None:
     await maintainer.run_once()  # partitions must exist before rows arrive
     app.run_in_background(maintainer.run_forever(), "monitoring-partitions")
 
-    raw_retention = timedelta(days=settings.monitoring_raw_retention_days)
+    receivers = parse_receivers(settings.monitoring_webhook_urls)
+    rules = load_rules(
+        Path(settings.monitoring_rules_file) if settings.monitoring_rules_file else DEFAULT_RULES
+    )
+    sender = Sender(
+        pool,
+        timeout_seconds=settings.monitoring_notify_timeout_seconds,
+        attempts=settings.monitoring_notify_attempts,
+        backoff_seconds=settings.monitoring_notify_backoff_seconds,
+    )
+    evaluator = Evaluator(rules, clock, receivers, settings.monitoring_external_url, sender.wake)
+    engine = AlertEngine(
+        Election(settings.database_url, app.schema),
+        evaluator,
+        sender,
+        settings.monitoring_eval_interval_seconds,
+    )
+    app.run_in_background(engine.run_forever(), "monitoring-rules")
+    app.on_shutdown(engine.close)
+
+    alerts = AlertBook(pool, receivers, settings.monitoring_external_url, sender.wake)
+    health = SystemHealth(
+        self_name=NAME,
+        targets={k: v for k, v in parse_targets(settings.monitoring_health_targets).items() if k != NAME},
+        pool=pool,
+        redis=app.redis,
+        clock=clock,
+        started_at=datetime.fromtimestamp(app.started_at, UTC),
+        timeout_seconds=settings.monitoring_health_timeout_seconds,
+        slow_ms=settings.monitoring_health_slow_ms,
+        ttl_seconds=settings.monitoring_health_ttl_seconds,
+        metadata=lambda: [app.service_tokens.metadata()],
+    )
+    app.on_shutdown(health.close)
+
     timings = TimingStore(pool, maintainer.ensure)
-    stats = StatsStore(pool)
-    summary = ServiceSummary(pool, timedelta(days=settings.monitoring_rollup_retention_days))
+    app.on_shutdown(timings.close)
     servicer = MonitoringServicer(
-        clock, timings, stats, summary, max_timings=settings.monitoring_max_timings, retention=raw_retention
+        clock,
+        timings,
+        StatsStore(pool),
+        ServiceSummary(pool, timedelta(days=settings.monitoring_rollup_retention_days)),
+        alerts,
+        health,
+        max_timings=settings.monitoring_max_timings,
+        max_client_alerts=settings.monitoring_max_client_alerts,
+        retention=timedelta(days=settings.monitoring_raw_retention_days),
     )
     app.add_service(SERVICE, servicer, monitoring_pb2_grpc.add_MonitoringServiceServicer_to_server, ACCESS)
-    _STATE[app] = Monitoring(clock, maintainer, timings, stats, summary, servicer)
+    _STATE[app] = Monitoring(clock, maintainer, timings, alerts, health, engine, servicer)

@@ -4,12 +4,15 @@ modules; this maps RPCs onto them."""
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 import grpc
 
 from cosnap.monitoring.v1 import monitoring_pb2, monitoring_pb2_grpc
+from services.servicekit.clock import Clock
 
-from .clock import Clock
+from .alerts import AlertBook, validate_client_alerts
+from .health import SystemHealth
 from .stats import StatsStore, validate_stats
 from .summary import ServiceSummary
 from .timings import TimingStore, validate_timings
@@ -22,19 +25,53 @@ class MonitoringServicer(monitoring_pb2_grpc.MonitoringServiceServicer):
         timings: TimingStore,
         stats: StatsStore,
         summary: ServiceSummary,
+        alerts: AlertBook,
+        health: SystemHealth,
         *,
         max_timings: int,
+        max_client_alerts: int,
         retention: timedelta,
     ) -> None:
         self._clock = clock
         self._timings = timings
         self._stats = stats
         self._summary = summary
+        self._alerts = alerts
+        self._health = health
         self._max_timings = max_timings
+        self._max_client_alerts = max_client_alerts
         self._retention = retention
 
+    async def ReportPerformanceAlerts(
+        self,
+        request: monitoring_pb2.ReportPerformanceAlertsRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> monitoring_pb2.ReportPerformanceAlertsResponse:
+        alerts = validate_client_alerts(request, self._max_client_alerts)
+        accepted, duplicates = await self._alerts.report(alerts, self._clock.now())
+        return monitoring_pb2.ReportPerformanceAlertsResponse(accepted=accepted, duplicates=duplicates)
+
+    async def ListPerformanceAlerts(
+        self,
+        request: monitoring_pb2.ListPerformanceAlertsRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> monitoring_pb2.ListPerformanceAlertsResponse:
+        return await self._alerts.list(request)
+
+    async def ResolvePerformanceAlert(
+        self,
+        request: monitoring_pb2.ResolvePerformanceAlertRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> monitoring_pb2.ResolvePerformanceAlertResponse:
+        return await self._alerts.resolve(request, self._clock.now())
+
+    async def GetSystemHealth(
+        self, request: monitoring_pb2.GetSystemHealthRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> monitoring_pb2.GetSystemHealthResponse:
+        return await self._health.get()
+
     async def RecordApiTimings(
-        self, request: monitoring_pb2.RecordApiTimingsRequest, context: grpc.aio.ServicerContext
+        self, request: monitoring_pb2.RecordApiTimingsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> monitoring_pb2.RecordApiTimingsResponse:
         rows = validate_timings(
             request, self._clock.now(), max_items=self._max_timings, retention=self._retention
@@ -42,13 +79,13 @@ class MonitoringServicer(monitoring_pb2_grpc.MonitoringServiceServicer):
         return monitoring_pb2.RecordApiTimingsResponse(accepted=await self._timings.store(rows))
 
     async def ReportServiceStats(
-        self, request: monitoring_pb2.ReportServiceStatsRequest, context: grpc.aio.ServicerContext
+        self, request: monitoring_pb2.ReportServiceStatsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> monitoring_pb2.ReportServiceStatsResponse:
         observed = validate_stats(request, self._clock.now(), self._retention)
         await self._stats.store(request, observed)
         return monitoring_pb2.ReportServiceStatsResponse()
 
     async def GetServiceSummary(
-        self, request: monitoring_pb2.GetServiceSummaryRequest, context: grpc.aio.ServicerContext
+        self, request: monitoring_pb2.GetServiceSummaryRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> monitoring_pb2.GetServiceSummaryResponse:
         return await self._summary.get(request, self._clock.now())

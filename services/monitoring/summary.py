@@ -11,15 +11,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Final
+from typing import Final, TypeAlias
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 from cosnap.monitoring.v1 import monitoring_pb2
 from services.servicekit.errors import invalid_argument
 
 from . import histogram
 
+# A connection of its own or one from a pool.
+Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
 DEFAULT_WINDOW: Final = timedelta(hours=24)
 
 _ENDPOINTS_SQL = """
@@ -77,7 +80,7 @@ class CacheFigures:
         return self.hits / lookups if lookups else 1.0
 
 
-async def endpoints(conn: asyncpg.Connection, since: datetime, until: datetime) -> list[EndpointFigures]:
+async def endpoints(conn: Connection, since: datetime, until: datetime) -> list[EndpointFigures]:
     out = []
     for row in await conn.fetch(_ENDPOINTS_SQL, since, until):
         counts = [0] * histogram.BUCKETS
@@ -96,14 +99,14 @@ async def endpoints(conn: asyncpg.Connection, since: datetime, until: datetime) 
     return out
 
 
-async def caches(conn: asyncpg.Connection, since: datetime, until: datetime) -> list[CacheFigures]:
+async def caches(conn: Connection, since: datetime, until: datetime) -> list[CacheFigures]:
     return [
         CacheFigures(r["service"], r["cache"], int(r["hits"]), int(r["misses"]))
         for r in await conn.fetch(_CACHES_SQL, since, until)
     ]
 
 
-async def memory(conn: asyncpg.Connection, since: datetime, until: datetime) -> list[tuple[str, str, float]]:
+async def memory(conn: Connection, since: datetime, until: datetime) -> list[tuple[str, str, float]]:
     return [
         (r["service"], r["instance"], float(r["ratio"])) for r in await conn.fetch(_MEMORY_SQL, since, until)
     ]

@@ -9,6 +9,8 @@ batches touching the same minutes never deadlock.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import math
 import re
 from collections.abc import Awaitable, Callable
@@ -21,9 +23,11 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from cosnap.monitoring.v1 import monitoring_pb2
-from services.servicekit.errors import FieldViolations
+from services.servicekit.errors import FieldViolations, unavailable
 
 from . import histogram
+
+log = logging.getLogger(__name__)
 
 SERVICE_NAME: Final = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 ENDPOINT: Final = re.compile(r"^/[A-Za-z_][A-Za-z0-9_.]{0,150}/[A-Za-z_][A-Za-z0-9_]{0,100}$")
@@ -153,25 +157,70 @@ def rollups(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
 
 
 class TimingStore:
-    """Stores validated batches. `ensure_partitions` is called once when a row
-    has no partition yet (a clock crossing midnight before maintenance ran)."""
+    """Stores validated batches, group-committed: batches arriving while a
+    write is under way go together in the next one (one COPY, one rollup
+    upsert with the minutes merged in Python), so concurrent reporters never
+    queue on the same rollup rows' locks. A request is answered after COMMIT;
+    a failed write answers UNAVAILABLE to every request in it and leaves
+    nothing behind. `ensure_partitions` is called once when a row has no
+    partition yet (a clock crossing midnight before maintenance ran)."""
 
-    def __init__(self, pool: asyncpg.Pool, ensure_partitions: Callable[[], Awaitable[Any]]) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, ensure_partitions: Callable[[], Awaitable[Any]], max_rows: int = 20_000
+    ) -> None:
         self._pool = pool
         self._ensure = ensure_partitions
+        self._max_rows = max_rows
+        self._queue: list[tuple[list[tuple[Any, ...]], asyncio.Future[int]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self.flushes = 0
 
     async def store(self, rows: list[tuple[Any, ...]]) -> int:
         if not rows:
             return 0
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._queue.append((rows, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.ensure_future(self._flush_all())
+        return await asyncio.shield(future)
+
+    async def _flush_all(self) -> None:
+        while self._queue:
+            taken, size = 0, 0
+            while taken < len(self._queue) and (
+                taken == 0 or size + len(self._queue[taken][0]) <= self._max_rows
+            ):
+                size += len(self._queue[taken][0])
+                taken += 1
+            batch, self._queue = self._queue[:taken], self._queue[taken:]
+            rows = [row for part, _ in batch for row in part]
+            try:
+                await self._write_once(rows)
+            except Exception as exc:
+                log.error("timings not stored", extra={"rows": len(rows), "error": repr(exc)})
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(unavailable("timings not stored, retry"))
+                continue
+            for part, future in batch:
+                if not future.done():
+                    future.set_result(len(part))
+
+    async def _write_once(self, rows: list[tuple[Any, ...]]) -> None:
+        self.flushes += 1
         summary = rollups(rows)
         try:
             await self._write(rows, summary)
         except asyncpg.CheckViolationError:  # "no partition of relation ... found for row"
             await self._ensure()
             await self._write(rows, summary)
-        return len(rows)
 
     async def _write(self, rows: list[tuple[Any, ...]], summary: list[tuple[Any, ...]]) -> None:
         async with self._pool.acquire() as conn, conn.transaction():
             await conn.copy_records_to_table("api_timings", records=rows, columns=_COLUMNS)
             await conn.executemany(_ROLLUP_SQL, summary)
+
+    async def close(self) -> None:
+        """Finish what is queued (graceful shutdown)."""
+        if self._flusher is not None:
+            await asyncio.gather(self._flusher, return_exceptions=True)

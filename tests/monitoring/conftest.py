@@ -1,27 +1,37 @@
-"""Fixtures of the monitoring tests: a real monitoring service (PostgreSQL,
-Redis, gRPC on a free port) and stubs to it."""
+"""Fixtures of the monitoring tests: real monitoring apps (PostgreSQL, Redis,
+gRPC on a free port) with an injectable clock, stubs to them, and a local
+HTTP receiver for webhook notifications."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
+import asyncpg
 import grpc
 import pytest
+import redis.asyncio as aioredis
+from aiohttp import web
 
 from cosnap.monitoring.v1 import monitoring_pb2_grpc
+from services.monitoring import app as monitoring_app
 from services.servicekit.auth import ServiceTokens
 from services.servicekit.channels import service_channel
+from services.servicekit.clock import Clock
 from services.servicekit.server import ServiceApp
-from tests.support import JWT_SECRET
+from tests.support import DATABASE_URL, JWT_SECRET, REDIS_URL, unique_name
 
 Connect = Callable[[ServiceApp], monitoring_pb2_grpc.MonitoringServiceStub]
+StartMonitoring = Callable[..., Awaitable[ServiceApp]]
 
 
 @pytest.fixture
 async def connect() -> AsyncIterator[Connect]:
-    """`stub = connect(app)`: a MonitoringService stub to a running app, whose calls carry a
-    `service` token (internal RPCs accept nothing else)."""
+    """`stub = connect(app)`: a MonitoringService stub to a running app as another
+    service calls it: every call carries a `service` token (internal RPCs accept
+    nothing else; it replaces any `authorization` the call sets)."""
     channels: list[grpc.aio.Channel] = []
 
     def make(app: ServiceApp) -> monitoring_pb2_grpc.MonitoringServiceStub:
@@ -34,4 +44,110 @@ async def connect() -> AsyncIterator[Connect]:
         await channel.close()
 
 
-Waiter = Callable[[Callable[[], Awaitable[Any]]], Awaitable[None]]
+@pytest.fixture
+async def connect_client() -> AsyncIterator[Connect]:
+    """`stub = connect_client(app)`: a stub as a browser or admin calls it (no token of its own)."""
+    channels: list[grpc.aio.Channel] = []
+
+    def make(app: ServiceApp) -> monitoring_pb2_grpc.MonitoringServiceStub:
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
+        channels.append(channel)
+        return monitoring_pb2_grpc.MonitoringServiceStub(channel)
+
+    yield make
+    for channel in channels:
+        await channel.close()
+
+
+@pytest.fixture
+async def start_monitoring(
+    admin_pg: asyncpg.Connection, redis_client: aioredis.Redis
+) -> AsyncIterator[StartMonitoring]:
+    """`app = await start_monitoring(clock=..., schema=..., **settings)`: a monitoring
+    app in this process; apps given the same `schema` share their database (replicas).
+    The evaluation loop runs every 300 s unless told otherwise: tests step it by hand."""
+    apps: list[ServiceApp] = []
+
+    async def start(clock: Clock | None = None, schema: str | None = None, **overrides: Any) -> ServiceApp:
+        name = schema or unique_name("monitoring")
+        values: dict[str, Any] = {
+            "database_url": DATABASE_URL,
+            "redis_url": REDIS_URL,
+            "db_schema": name,
+            "redis_prefix": name,
+            "auth_jwt_secret": JWT_SECRET,
+            "grpc_host": "127.0.0.1",
+            "grpc_port": 0,
+            "metrics_port": 0,
+            "shutdown_grace_seconds": 5,
+            "monitoring_eval_interval_seconds": 300,
+        }
+        settings = monitoring_app.MonitoringSettings(**{**values, **overrides})
+        app = ServiceApp(monitoring_app.NAME, settings, monitoring_app.MIGRATIONS)
+        await app.connect()
+        await monitoring_app.wire(app, clock)
+        await app.start()
+        apps.append(app)
+        return app
+
+    yield start
+    for app in apps:
+        await app.stop()
+
+
+@dataclass
+class Receiver:
+    """A webhook receiver on a free port that answers 503 to its first `fail_first` POSTs."""
+
+    fail_first: int = 0
+    attempts: int = 0
+    bodies: list[dict[str, Any]] = field(default_factory=list)
+    url: str = ""
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.attempts += 1
+        if self.attempts <= self.fail_first:
+            return web.Response(status=503)
+        self.bodies.append(await request.json())
+        self.arrived.set()
+        return web.Response(status=200)
+
+    def alerts(self, status: str | None = None) -> list[tuple[str, str, str]]:
+        """(status, alertname, severity) of every notification received."""
+        out = []
+        for body in self.bodies:
+            for alert in body["alerts"]:
+                if status in (None, alert["status"]):
+                    out.append((alert["status"], alert["labels"]["alertname"], alert["labels"]["severity"]))
+        return out
+
+    async def wait_for(self, count: int, timeout: float = 20.0) -> None:
+        async def enough() -> None:
+            while len(self.bodies) < count:
+                self.arrived.clear()
+                await self.arrived.wait()
+
+        await asyncio.wait_for(enough(), timeout)
+
+
+@pytest.fixture
+async def make_receiver() -> AsyncIterator[Callable[..., Awaitable[Receiver]]]:
+    runners: list[web.AppRunner] = []
+
+    async def make(fail_first: int = 0) -> Receiver:
+        receiver = Receiver(fail_first=fail_first)
+        app = web.Application()
+        app.router.add_post("/hook", receiver.handle)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runners.append(runner)
+        port = runner.addresses[0][1]
+        receiver.url = f"http://127.0.0.1:{port}/hook"
+        return receiver
+
+    yield make
+    for runner in runners:
+        await runner.cleanup()

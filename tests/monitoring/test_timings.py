@@ -5,6 +5,7 @@ refused whole."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -191,3 +192,21 @@ async def test_raw_partitions_retire_and_rollups_age_out(
         for r in await admin_pg.fetch("SELECT tablename FROM pg_tables WHERE schemaname = $1", app.schema)
     }
     assert f"api_timings_p{later:%Y%m%d}" in names
+
+
+async def test_concurrent_batches_are_group_committed(start_service: StartService, connect: Connect) -> None:
+    app = await start_service(monitoring_app)
+    stub = connect(app)
+    store = monitoring_app.state(app).timings
+    before = store.flushes
+    replies = await asyncio.gather(
+        *(
+            stub.RecordApiTimings(monitoring_pb2.RecordApiTimingsRequest(timings=[timing(float(i))] * 50))
+            for i in range(40)
+        )
+    )
+    assert [r.accepted for r in replies] == [50] * 40
+    assert store.flushes - before < 40  # batches that met a write under way went in the next one
+    assert app.pool is not None
+    assert await app.pool.fetchval("SELECT count(*) FROM api_timings") == 2000
+    assert await app.pool.fetchval("SELECT sum(requests) FROM api_rollup_minute") == 2000
