@@ -7,7 +7,7 @@ import argparse
 import asyncio
 from typing import Any
 
-from bench import dashboard, effects, ingest, monitoring
+from bench import business, dashboard, effects, ingest, monitoring
 
 
 async def main(scale: float, only: str | None) -> dict[str, Any]:
@@ -24,12 +24,17 @@ async def main(scale: float, only: str | None) -> dict[str, Any]:
     if only in (None, "effects"):
         results["effects"] = await effects.run(scale)
         effects.print_result(results["effects"])
+    if only in (None, "business"):
+        results["business"] = await business.run(scale)
+        business.print_result(results["business"])
     return results
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies the work of every benchmark")
-    parser.add_argument("--only", choices=["ingest", "dashboard", "monitoring", "effects"], default=None)
+    parser.add_argument(
+        "--only", choices=["ingest", "dashboard", "monitoring", "effects", "business"], default=None
+    )
     args = parser.parse_args()
     asyncio.run(main(args.scale, args.only))

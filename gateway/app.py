@@ -21,6 +21,7 @@ from gateway import docs
 from gateway.config import Settings
 from gateway.routes import Route, RouteTable, build_routes, load_descriptors
 from gateway.status import StatusRenderer, status_json
+from gateway.streaming import stream_route
 from gateway.timeouts import timeout_for
 from gateway.transcode import TranscodeError, Transcoder
 
@@ -186,6 +187,8 @@ class Edge:
         except TranscodeError as exc:
             return error_response(400, grpc.StatusCode.INVALID_ARGUMENT, str(exc), exc.violations)
 
+        if route.method.server_streaming:  # SSE or NDJSON: gateway/streaming.py
+            return await stream_route(self, request, route, message, self._metadata(request))
         call = self._call(route)
         if call is None:
             return error_response(

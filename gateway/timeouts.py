@@ -28,6 +28,12 @@ TIMEOUTS: dict[str, float] = {
     # Reports computed over up to 30 days of rollups when the cache is cold.
     "/cosnap.analytics.v1.AnalyticsService/GetFunnelReport": REPORT_SECONDS,
     "/cosnap.analytics.v1.AnalyticsService/GetPerformanceDashboard": REPORT_SECONDS,
+    "/cosnap.analytics.v1.AnalyticsService/GetEngagementReport": REPORT_SECONDS,
+    "/cosnap.analytics.v1.AnalyticsService/GetUserEngagement": REPORT_SECONDS,
+    "/cosnap.analytics.v1.AnalyticsService/GetRevenueAttribution": REPORT_SECONDS,
+    "/cosnap.analytics.v1.AnalyticsService/ListWeeklyReports": REPORT_SECONDS,
+    # A past week's report is drawn on demand the first time (charts in a worker thread).
+    "/cosnap.analytics.v1.AnalyticsService/GetWeeklyReport": 60.0,
     # Calls that wait for RunningHub.
     "/cosnap.effects.v1.EffectsService/UploadInput": RUNNINGHUB_CALL_SECONDS,
     "/cosnap.effects.v1.EffectsService/CreateTask": RUNNINGHUB_CALL_SECONDS,

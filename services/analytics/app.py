@@ -13,9 +13,9 @@ from cosnap.analytics.v1 import analytics_pb2, analytics_pb2_grpc
 from cosnap.monitoring.v1 import monitoring_pb2_grpc
 from services.servicekit.auth import Access
 from services.servicekit.cache import RAW_BYTES
-from services.servicekit.config import ServiceSettings
 from services.servicekit.server import ServiceApp
 
+from .business import Business, BusinessRpcs, BusinessSettings, wire_business
 from .dashboard import Dashboard
 from .funnel import FunnelReports
 from .ingest import GroupCommitter
@@ -35,10 +35,16 @@ ACCESS = {
     "GetPerformanceDashboard": Access.ADMIN,
     "RecordRevenue": Access.ADMIN,  # the payment side, never a browser (API.md)
     "RecordTaskEnds": Access.INTERNAL,  # service token only: server facts from effects
+    "GetEngagementReport": Access.ADMIN,
+    "GetUserEngagement": Access.USER,  # the servicer lets a user read only their own
+    "GetRevenueAttribution": Access.ADMIN,
+    "ListWeeklyReports": Access.ADMIN,
+    "GetWeeklyReport": Access.ADMIN,
+    "StreamPerformanceDashboard": Access.ADMIN,
 }
 
 
-class AnalyticsSettings(ServiceSettings):
+class AnalyticsSettings(BusinessSettings):
     grpc_port: int = Field(50051, ge=0, le=65535)
     metrics_port: int = Field(9101, ge=0, le=65535)
     analytics_retention_days: int = Field(30, ge=1, le=3650, description="Raw data and rollups kept.")
@@ -67,6 +73,10 @@ class AnalyticsSettings(ServiceSettings):
 SETTINGS = AnalyticsSettings
 
 
+class Servicer(BusinessRpcs, AnalyticsServicer):
+    """Ingest and reports (``servicer.py``) with the business RPCs (``business.py``)."""
+
+
 @dataclass
 class Analytics:
     """The running pieces of one analytics app (for tests and the benchmark)."""
@@ -76,6 +86,7 @@ class Analytics:
     dashboard: Dashboard
     funnels: FunnelReports
     servicer: AnalyticsServicer
+    business: Business
 
 
 _STATE: weakref.WeakKeyDictionary[ServiceApp, Analytics] = weakref.WeakKeyDictionary()
@@ -127,7 +138,8 @@ async def wire(app: ServiceApp) -> None:
     funnels = FunnelReports(
         pool, await app.cache("funnel", **RAW_BYTES), settings.analytics_funnel_ttl_seconds
     )
-    servicer = AnalyticsServicer(
+    business = await wire_business(app, settings, monitoring)
+    servicer = Servicer(
         committer,
         dashboard,
         funnels,
@@ -135,5 +147,6 @@ async def wire(app: ServiceApp) -> None:
             max_items=settings.analytics_max_batch_items, retention_days=settings.analytics_retention_days
         ),
     )
+    servicer.business = business
     app.add_service(SERVICE, servicer, analytics_pb2_grpc.add_AnalyticsServiceServicer_to_server, ACCESS)
-    _STATE[app] = Analytics(committer, maintainer, dashboard, funnels, servicer)
+    _STATE[app] = Analytics(committer, maintainer, dashboard, funnels, servicer, business)

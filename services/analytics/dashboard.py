@@ -60,6 +60,7 @@ import grpc
 from cosnap.analytics.v1 import analytics_pb2
 from cosnap.monitoring.v1 import monitoring_pb2, monitoring_pb2_grpc
 from services.analytics import sketch
+from services.analytics.distinct import Sketches
 from services.analytics.vitals import FUNNEL_STEPS, STEP_NUMBER, WEB_VITALS, rate
 from services.analytics.windows import DEFAULT_DASHBOARD_WINDOW, Window, parse_window
 from services.servicekit.cache import MultiLevelCache, get_or_load_message
@@ -180,6 +181,7 @@ class Dashboard:
         self._ttl = ttl_seconds
         self._monitoring_timeout = monitoring_timeout
         self._clock = clock
+        self._sketches = Sketches(pool)
         self.computations = 0
 
     async def get(
@@ -312,7 +314,7 @@ class Dashboard:
         now: datetime,
         size: timedelta,
         names: list[str],
-    ) -> tuple[list[asyncpg.Record], ...]:
+    ) -> tuple[list[Any], ...]:
         """The rollup reads of one dashboard, concurrently: bins, ratings, events,
         sessions, visitors, funnel."""
         return tuple(
@@ -321,14 +323,43 @@ class Dashboard:
                 self._fetch(_RATINGS_SQL, start, now, names),
                 self._fetch(_EVENTS_SQL, start, now, size),
                 (
-                    self._fetch(_SESSIONS_SQL, since_hour, now, size)
-                    if size > HOUR
+                    self._sketched_sessions(since_hour, now, size)
+                    if hourly
                     else self._fetch(_SESSIONS_HOURLY_SQL, since_hour, now)
                 ),
-                self._fetch(_VISITORS_SQL, since_hour, now),
+                (
+                    self._sketched_visitors(since_hour, now)
+                    if hourly
+                    else self._fetch(_VISITORS_SQL, since_hour, now)
+                ),
                 self._fetch(_FUNNEL_SQL, start, now),
             )
         )
+    async def _sketched_visitors(self, since_hour: datetime, now: datetime) -> list[dict[str, int]]:
+        """Distinct sessions and users over the window from the hourly HLL sketches (distinct.py)."""
+        async with self._pool.acquire() as conn, conn.transaction(readonly=True):
+            estimate = await self._sketches.estimate(conn, since_hour, now)
+        return [{"sessions": estimate.sessions, "users": estimate.users}]
+
+    async def _sketched_sessions(
+        self, since_hour: datetime, now: datetime, size: timedelta
+    ) -> list[dict[str, Any]]:
+        """Sessions per trend bucket: an hour's is exact (its row count, kept with its sketch);
+        a longer bucket's is the union of its hours' sketches."""
+        starts = []
+        bucket = _floor(since_hour, size)
+        while bucket <= now:
+            starts.append(max(bucket, since_hour))
+            bucket += size
+        async with self._pool.acquire() as conn, conn.transaction(readonly=True):
+            if size == HOUR:
+                counts = await self._sketches.hour_counts(conn, since_hour, now)
+                return [{"b": hour, "sessions": n} for hour, n in counts.items()]
+            estimates = await self._sketches.estimate_buckets(conn, starts, now)
+        return [
+            {"b": _floor(start, size), "sessions": e.sessions}
+            for start, e in zip(starts, estimates, strict=True)
+        ]
 
     async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
         """One read-only query with room to hash its aggregates in memory."""

@@ -47,7 +47,7 @@ comes back to Python.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
@@ -154,22 +154,29 @@ def parse_request(request: analytics_pb2.GetFunnelReportRequest) -> tuple[Window
     return window, conversion, effect_id
 
 
-async def funnel_report(
-    pool: asyncpg.Pool, window: Window, conversion: Window, effect_id: str
-) -> analytics_pb2.GetFunnelReportResponse:
-    """The ordered funnel over `window`, see the module docstring; `effect_id` "" for all."""
-    now = datetime.now(UTC)
-    since = now - window.length
+async def funnel_between(
+    pool: asyncpg.Pool, since: datetime, until: datetime, conversion: timedelta, effect_id: str = ""
+) -> dict[int, tuple[int, float | None]]:
+    """(sessions, median seconds from the previous step) per step position, for attempts
+    whose step 1 falls in ``[since, until]`` (see the module docstring)."""
     async with pool.acquire() as conn, conn.transaction(readonly=True):
         # The CTEs' row estimates shrink step after step (each a fraction of the previous):
         # a nested loop picked on such an estimate turns the deep steps quadratic. Hash joins
         # and in-memory aggregates are right for every size here.
         await conn.execute(_SESSION_SETTINGS)
         if effect_id:
-            rows = await conn.fetch(_SQL_EFFECT, since, now, conversion.length, effect_id)
+            rows = await conn.fetch(_SQL_EFFECT, since, until, conversion, effect_id)
         else:
-            rows = await conn.fetch(_SQL, since, now, conversion.length)
-    by_step = {int(r["step"]): (int(r["sessions"]), r["median"]) for r in rows}
+            rows = await conn.fetch(_SQL, since, until, conversion)
+    return {int(r["step"]): (int(r["sessions"]), r["median"]) for r in rows}
+
+
+async def funnel_report(
+    pool: asyncpg.Pool, window: Window, conversion: Window, effect_id: str
+) -> analytics_pb2.GetFunnelReportResponse:
+    """The ordered funnel over `window`, see the module docstring; `effect_id` "" for all."""
+    now = datetime.now(UTC)
+    by_step = await funnel_between(pool, now - window.length, now, conversion.length, effect_id)
 
     response = analytics_pb2.GetFunnelReportResponse(
         window=window.text, conversion_window=conversion.text, effect_id=effect_id

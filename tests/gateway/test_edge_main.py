@@ -103,13 +103,16 @@ def test_envoy_config_matches_the_edge() -> None:
     (test_envoy_config.py validates the Envoy config itself)."""
     text = (ROOT / "gateway" / "envoy.yaml").read_text()
     services = load_descriptors(Settings().descriptor_set).services
+    # The filter config and the per-route overrides (uploads, the live stream's SSE and NDJSON).
+    transcoders = text.count("type.googleapis.com/envoy.extensions.filters.http.grpc_json_transcoder.v3")
+    assert transcoders == 4
     for service in services:
         assert f"- match: {{prefix: /{service}/}}" in text
-        assert text.count(f"- {service}\n") == 2  # filter config and the uploads override
+        assert text.count(f"- {service}\n") == transcoders
         assert f"grpc_health_check: {{service_name: {service}}}" in text
     assert f"max_request_body_size: {Settings().max_body_bytes}\n" in text
     assert f"max_request_body_size: {Settings().max_upload_bytes}\n" in text
-    assert text.count("convert_grpc_status: true") == 2
+    assert text.count("convert_grpc_status: true") == transcoders
     for option in ("unknown_method", "unknown_query_parameters", "binding_body_field_collisions"):
-        assert text.count(f"reject_{option}: true") == 2
+        assert text.count(f"reject_{option}: true") == transcoders
     assert "proto_descriptor: /etc/envoy/descriptor.binpb" in text

@@ -216,7 +216,7 @@ def test_project_routes_cover_every_annotated_method() -> None:
     descriptors = load_descriptors(DESCRIPTOR_SET)
     table = build_routes(descriptors.pool, descriptors.services)
     paths = {(r.http_method, r.template.source) for r in table.routes}
-    assert len(paths) == 17
+    assert len(paths) == 23
     assert ("POST", "/api/analytics/performance/alerts/{alert_id}:resolve") in paths
     assert ("POST", "/api/effects/tasks/{task_id}:cancel") in paths
     # Internal monitoring RPCs have no HTTP binding and are not reachable from the edge.

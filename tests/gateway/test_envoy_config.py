@@ -608,3 +608,27 @@ def test_admin_is_local_and_only_ready_and_metrics_are_exposed(bootstrap: Any) -
     address = endpoint.endpoint.address.socket_address
     assert (address.address, address.port_value) == (admin.address, admin.port_value)
     assert {r.route.cluster for r in vhost.routes} == {target.name}
+
+
+def test_live_stream_routes(bootstrap: Any) -> None:
+    """The live dashboard: SSE when the client accepts text/event-stream, else NDJSON; no
+    deadline but an idle timeout, before and after transcoding."""
+    table = routes(bootstrap)
+    path = "/api/analytics/dashboard/performance:stream"
+    stream_routes = [r for r in table if r.match.path == path]
+    assert len(stream_routes) == 2
+    sse, ndjson = stream_routes
+    (header,) = sse.match.headers
+    assert (header.name, header.string_match.contains) == ("accept", "text/event-stream")
+    assert not ndjson.match.headers
+    (base,) = [c for name, c in http_filters(bootstrap) if name == TRANSCODER]
+    for route, option in ((sse, "stream_sse_style_delimited"), (ndjson, "stream_newline_delimited")):
+        assert route.route.cluster == "analytics"
+        assert route.route.timeout.ToTimedelta() == timedelta(0)
+        assert route.route.idle_timeout.ToTimedelta() > timedelta(0)
+        override = unpack(route.typed_per_filter_config[TRANSCODER])
+        assert getattr(override.print_options, option) is True
+        setattr(override.print_options, option, False)
+        assert override == base, f"the {option} override differs from the filter in more than that"
+    grpc_route = match(table, "/cosnap.analytics.v1.AnalyticsService/StreamPerformanceDashboard")
+    assert grpc_route is not None and grpc_route.route.timeout.ToTimedelta() == timedelta(0)

@@ -1,0 +1,218 @@
+"""The live dashboard stream (``StreamPerformanceDashboard``): one computation per
+interval per replica, fanned out to every open stream.
+
+* A **feed** per ``intervalSeconds`` (1..60, default 5) runs while it has
+  subscribers: it computes a snapshot at once, then every interval, and
+  publishes it (a version number and an ``asyncio.Event``). Every open stream
+  with that interval sends the same message; 100 clients cost one computation.
+  When the last subscriber leaves, the feed stops.
+* A new stream gets the feed's latest snapshot at once when there is one.
+* **Heartbeats**: a stream that sent nothing for ``heartbeat_seconds`` sends a
+  ``kind: "heartbeat"`` message (keeps proxies from closing an idle stream, and
+  shows the client the stream is alive).
+* **Cap**: at most ``max_streams`` open streams per replica; one more is refused
+  with RESOURCE_EXHAUSTED (HTTP 429).
+* **Disconnects**: a client going away cancels its RPC; the stream's ``finally``
+  unsubscribes it at once (and the feed stops with its last subscriber).
+
+A snapshot covers the last ``window_seconds`` (5 minutes): events per second
+(``rollup_events``, 5-minute buckets, divided by the seconds they span),
+active sessions (distinct sessions with an event in the window, raw
+``events``), and from monitoring's ``GetServiceSummary`` over the window:
+requests per second, p95 and error rate per endpoint, open alerts. A section
+that cannot be filled is named in ``unavailableSections``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Final
+
+import asyncpg
+import grpc
+from prometheus_client import Counter, Gauge
+
+from cosnap.analytics.v1 import analytics_pb2
+from cosnap.monitoring.v1 import monitoring_pb2, monitoring_pb2_grpc
+from services.servicekit.errors import ServiceError, invalid_argument
+
+log = logging.getLogger(__name__)
+
+OPEN_STREAMS = Gauge("analytics_live_streams", "Open live dashboard streams.")
+SNAPSHOTS = Counter("analytics_live_snapshots", "Live dashboard snapshots computed.")
+DEFAULT_INTERVAL: Final = 5
+MAX_INTERVAL: Final = 60
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_BUCKET: Final = timedelta(minutes=5)
+
+_EVENTS_SQL = "SELECT coalesce(sum(count), 0)::bigint FROM rollup_events WHERE bucket_start >= $1"
+_SESSIONS_SQL = """
+SELECT count(DISTINCT session_id)::bigint FROM events WHERE occurred_at >= $1 AND occurred_at <= $2
+"""
+
+
+class Feed:
+    """Snapshots for one interval, computed once and shared."""
+
+    def __init__(self, live: LiveDashboard, interval: int) -> None:
+        self.interval = interval
+        self.subscribers = 0
+        self.version = 0
+        self.latest: analytics_pb2.StreamPerformanceDashboardResponse | None = None
+        self.changed = asyncio.Event()
+        self._live = live
+        self._task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            try:
+                snapshot = await self._live.snapshot(self.interval)
+            except Exception as exc:
+                log.warning("live snapshot failed", extra={"error": repr(exc)})
+                snapshot = analytics_pb2.StreamPerformanceDashboardResponse(
+                    kind="snapshot", interval_seconds=self.interval, unavailable_sections=["all"]
+                )
+                snapshot.generated_at.FromDatetime(datetime.now(UTC))
+            self.latest = snapshot
+            self.version += 1
+            event, self.changed = self.changed, asyncio.Event()
+            event.set()
+            await asyncio.sleep(max(0.0, self.interval - (loop.time() - started)))
+
+    def stop(self) -> None:
+        self._task.cancel()
+
+
+class LiveDashboard:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        monitoring: monitoring_pb2_grpc.MonitoringServiceStub | None,
+        *,
+        max_streams: int = 100,
+        heartbeat_seconds: float = 15.0,
+        window_seconds: int = 300,
+        monitoring_timeout: float = 1.0,
+    ) -> None:
+        self._pool = pool
+        self._monitoring = monitoring
+        self.max_streams = max_streams
+        self.heartbeat_seconds = heartbeat_seconds
+        self.window_seconds = window_seconds
+        self._monitoring_timeout = monitoring_timeout
+        self._feeds: dict[int, Feed] = {}
+        self.open_streams = 0
+        self.computations = 0
+
+    async def stream(
+        self, request: analytics_pb2.StreamPerformanceDashboardRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[analytics_pb2.StreamPerformanceDashboardResponse]:
+        interval = request.interval_seconds or DEFAULT_INTERVAL
+        if not 1 <= interval <= MAX_INTERVAL:
+            raise invalid_argument(
+                [("intervalSeconds", f"must be 1..{MAX_INTERVAL}; got {request.interval_seconds}")],
+                "invalid interval",
+            )
+        if self.open_streams >= self.max_streams:
+            raise ServiceError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, f"at most {self.max_streams} live streams per replica"
+            )
+        self.open_streams += 1
+        OPEN_STREAMS.inc()
+        feed = self._feeds.get(interval)
+        if feed is None:
+            feed = self._feeds[interval] = Feed(self, interval)
+        feed.subscribers += 1
+        try:
+            seen = 0
+            while True:
+                if feed.version == seen:
+                    changed = feed.changed
+                    try:
+                        await asyncio.wait_for(changed.wait(), self.heartbeat_seconds)
+                    except TimeoutError:
+                        beat = analytics_pb2.StreamPerformanceDashboardResponse(
+                            kind="heartbeat", interval_seconds=interval
+                        )
+                        beat.generated_at.FromDatetime(datetime.now(UTC))
+                        yield beat
+                        continue
+                seen = feed.version
+                assert feed.latest is not None
+                yield feed.latest
+        finally:
+            self.open_streams -= 1
+            OPEN_STREAMS.dec()
+            feed.subscribers -= 1
+            if feed.subscribers == 0 and self._feeds.get(interval) is feed:
+                del self._feeds[interval]
+                feed.stop()
+
+    async def close(self) -> None:
+        for feed in list(self._feeds.values()):
+            feed.stop()
+            with contextlib.suppress(asyncio.CancelledError):
+                await feed._task
+        self._feeds.clear()
+
+    async def snapshot(self, interval: int) -> analytics_pb2.StreamPerformanceDashboardResponse:
+        """One fresh snapshot of the last `window_seconds`."""
+        self.computations += 1
+        SNAPSHOTS.inc()
+        now = datetime.now(UTC)
+        window = timedelta(seconds=self.window_seconds)
+        since = now - window
+        first_bucket = _EPOCH + ((since - _EPOCH) // _BUCKET) * _BUCKET
+        message = analytics_pb2.StreamPerformanceDashboardResponse(
+            kind="snapshot", interval_seconds=interval, window_seconds=self.window_seconds
+        )
+        message.generated_at.FromDatetime(now)
+        own, summary = await asyncio.gather(
+            self._own_figures(first_bucket, since, now), self._summary(window), return_exceptions=True
+        )
+        if isinstance(own, BaseException):
+            log.warning("live figures failed", extra={"error": repr(own)})
+            message.unavailable_sections.extend(["eventsPerSecond", "activeSessions"])
+        else:
+            events, sessions = own
+            message.events_per_second = round(events / (now - first_bucket).total_seconds(), 3)
+            message.active_sessions = sessions
+        if isinstance(summary, BaseException) or summary is None:
+            message.unavailable_sections.extend(["endpoints", "openAlerts"])
+        else:
+            seconds = float(self.window_seconds)
+            for e in summary.endpoints:
+                message.endpoints.add(
+                    service=e.service,
+                    endpoint=e.endpoint,
+                    requests_per_second=round(e.requests / seconds, 3),
+                    p95_ms=e.p95_ms,
+                    error_rate=e.errors / e.requests if e.requests else 0.0,
+                )
+            message.open_alerts.warning = summary.open_warning_alerts
+            message.open_alerts.error = summary.open_error_alerts
+            message.open_alerts.critical = summary.open_critical_alerts
+        return message
+
+    async def _own_figures(self, first_bucket: datetime, since: datetime, now: datetime) -> tuple[int, int]:
+        async with self._pool.acquire() as conn, conn.transaction(readonly=True):
+            events = await conn.fetchval(_EVENTS_SQL, first_bucket)
+            sessions = await conn.fetchval(_SESSIONS_SQL, since, now)
+        return int(events), int(sessions)
+
+    async def _summary(self, window: timedelta) -> monitoring_pb2.GetServiceSummaryResponse | None:
+        if self._monitoring is None:
+            return None
+        request = monitoring_pb2.GetServiceSummaryRequest()
+        request.window.FromTimedelta(window)
+        try:
+            return await self._monitoring.GetServiceSummary(request, timeout=self._monitoring_timeout)
+        except Exception as exc:  # monitoring down: the stream goes on without its sections
+            log.warning("live monitoring summary failed", extra={"error": repr(exc)})
+            return None
