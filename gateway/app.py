@@ -156,7 +156,7 @@ class Edge:
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
-    async def transcode(self, request: web.Request) -> web.Response:
+    async def transcode(self, request: web.Request) -> web.StreamResponse:
         raw_path = request.rel_url.raw_path
         match = self.routes.match(request.method, raw_path)
         if match is None:

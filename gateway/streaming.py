@@ -87,7 +87,7 @@ def _sse(kind: str, payload: bytes) -> bytes:
 
 async def serve_stream(
     request: web.Request,
-    call: grpc.aio.UnaryStreamCall,
+    call: grpc.aio.UnaryStreamCall[Any, Any],
     to_json: Callable[[Message], dict[str, Any]],
     render_error: Callable[[grpc.aio.AioRpcError], tuple[int, bytes]],
     headers: dict[str, str],
@@ -170,7 +170,8 @@ async def stream_route(
     call = method(message, metadata=metadata)
 
     def render_error(err: grpc.aio.AioRpcError) -> tuple[int, bytes]:
-        return edge.statuses.render(err.code(), err.details(), tuple(err.trailing_metadata() or ()))
+        rendered = edge.statuses.render(err.code(), err.details(), tuple(err.trailing_metadata() or ()))
+        return rendered.http, rendered.body
 
     def to_json(reply: Message) -> dict[str, Any]:
         return edge.transcoder.to_dict(reply, with_defaults=True)

@@ -154,7 +154,8 @@ def task_costs(conversions: Sequence[Conversion], tasks: Iterable[Task]) -> dict
         items.sort()
     out: dict[str, Decimal] = defaultdict(Decimal)
     for task in tasks:
-        items = by_user.get(task.user_id)
+        found = by_user.get(task.user_id)
+        items = found or []
         if not items:
             continue
         i = bisect.bisect_left(items, (task.at, ""))

@@ -10,6 +10,7 @@ import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import grpc
 from pydantic import Field, field_validator
@@ -94,7 +95,9 @@ class Business:
 
 
 async def wire_business(
-    app: ServiceApp, settings: BusinessSettings, monitoring: monitoring_pb2_grpc.MonitoringServiceStub | None
+    app: ServiceApp,
+    settings: BusinessSettings,
+    monitoring: monitoring_pb2_grpc.MonitoringServiceAsyncStub | None,
 ) -> Business:
     """Build the business reports and start their background work (pre-aggregation, schedule)."""
     assert app.pool is not None
@@ -155,12 +158,12 @@ class BusinessRpcs:
     business: Business
 
     async def GetEngagementReport(
-        self, request: analytics_pb2.GetEngagementReportRequest, context: grpc.aio.ServicerContext
+        self, request: analytics_pb2.GetEngagementReportRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> analytics_pb2.GetEngagementReportResponse:
         return await self.business.engagement.report(request)
 
     async def GetUserEngagement(
-        self, request: analytics_pb2.GetUserEngagementRequest, context: grpc.aio.ServicerContext
+        self, request: analytics_pb2.GetUserEngagementRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> analytics_pb2.GetUserEngagementResponse:
         principal = current_principal.get()
         if principal is None or not (principal.is_admin or principal.subject == request.user_id):
@@ -168,22 +171,24 @@ class BusinessRpcs:
         return await self.business.engagement.user(request)
 
     async def GetRevenueAttribution(
-        self, request: analytics_pb2.GetRevenueAttributionRequest, context: grpc.aio.ServicerContext
+        self, request: analytics_pb2.GetRevenueAttributionRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> analytics_pb2.GetRevenueAttributionResponse:
         return await self.business.attribution.get(request)
 
     async def ListWeeklyReports(
-        self, request: analytics_pb2.ListWeeklyReportsRequest, context: grpc.aio.ServicerContext
+        self, request: analytics_pb2.ListWeeklyReportsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> analytics_pb2.ListWeeklyReportsResponse:
         return await self.business.reports.list(request)
 
     async def GetWeeklyReport(
-        self, request: analytics_pb2.GetWeeklyReportRequest, context: grpc.aio.ServicerContext
+        self, request: analytics_pb2.GetWeeklyReportRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> analytics_pb2.GetWeeklyReportResponse:
         return await self.business.reports.get(request)
 
     async def StreamPerformanceDashboard(
-        self, request: analytics_pb2.StreamPerformanceDashboardRequest, context: grpc.aio.ServicerContext
+        self,
+        request: analytics_pb2.StreamPerformanceDashboardRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[analytics_pb2.StreamPerformanceDashboardResponse]:
         async for message in self.business.live.stream(request, context):
             yield message

@@ -335,6 +335,7 @@ class Dashboard:
                 self._fetch(_FUNNEL_SQL, start, now),
             )
         )
+
     async def _sketched_visitors(self, since_hour: datetime, now: datetime) -> list[dict[str, int]]:
         """Distinct sessions and users over the window from the hourly HLL sketches (distinct.py)."""
         async with self._pool.acquire() as conn, conn.transaction(readonly=True):

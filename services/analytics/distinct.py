@@ -28,6 +28,8 @@ from typing import Final
 import asyncpg
 from datasketches import hll_sketch, hll_union, tgt_hll_type
 
+from services.servicekit.db import Connection
+
 LG_K: Final = 14
 HLL_TYPE: Final = tgt_hll_type.HLL_8
 SEAL_DELAY: Final = timedelta(minutes=5)
@@ -138,9 +140,7 @@ class Sketches:
         self.built += made
         return made
 
-    async def hour_counts(
-        self, conn: asyncpg.Connection, start: datetime, now: datetime
-    ) -> dict[datetime, int]:
+    async def hour_counts(self, conn: Connection, start: datetime, now: datetime) -> dict[datetime, int]:
         """Exact distinct sessions per hour from `start`: the row count kept with a sealed
         hour's sketch, ``count(*)`` for the others."""
         sealed = sealed_before(now)
@@ -159,12 +159,12 @@ class Sketches:
                 counts[r["hour_start"]] = int(r["n"])
         return counts
 
-    async def estimate(self, conn: asyncpg.Connection, start: datetime, now: datetime) -> Estimate:
+    async def estimate(self, conn: Connection, start: datetime, now: datetime) -> Estimate:
         """Distinct sessions and users in the hours from `start` (an hour start) to the one holding `now`."""
         return (await self.estimate_buckets(conn, [start], now))[0]
 
     async def estimate_buckets(
-        self, conn: asyncpg.Connection, starts: Sequence[datetime], now: datetime
+        self, conn: Connection, starts: Sequence[datetime], now: datetime
     ) -> list[Estimate]:
         """One estimate per bucket: bucket i covers the hours from starts[i] to starts[i+1]
         (the last one to the hour holding `now`)."""

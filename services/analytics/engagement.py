@@ -276,6 +276,7 @@ class EngagementReports:
             await conn.execute("SET LOCAL work_mem = '64MB'")
             rows = await conn.fetch(_REPORT_SQL, s.first, s.last, size + 1, offset)
             active = await conn.fetchrow(_ACTIVE_SQL, s.first, s.last)
+        assert active is not None  # an aggregate query returns one row
         summary = next(r for r in rows if r["kind"] == 0)
         top = [r for r in rows if r["kind"] == 1]
         users = int(summary["users"])

@@ -30,7 +30,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from typing import Final
+from typing import Any, Final
 
 import asyncpg
 import grpc
@@ -93,7 +93,7 @@ class LiveDashboard:
     def __init__(
         self,
         pool: asyncpg.Pool,
-        monitoring: monitoring_pb2_grpc.MonitoringServiceStub | None,
+        monitoring: monitoring_pb2_grpc.MonitoringServiceAsyncStub | None,
         *,
         max_streams: int = 100,
         heartbeat_seconds: float = 15.0,
@@ -111,7 +111,9 @@ class LiveDashboard:
         self.computations = 0
 
     async def stream(
-        self, request: analytics_pb2.StreamPerformanceDashboardRequest, context: grpc.aio.ServicerContext
+        self,
+        request: analytics_pb2.StreamPerformanceDashboardRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[analytics_pb2.StreamPerformanceDashboardResponse]:
         interval = request.interval_seconds or DEFAULT_INTERVAL
         if not 1 <= interval <= MAX_INTERVAL:

@@ -40,6 +40,7 @@ from datetime import UTC, date, datetime, timedelta
 import asyncpg
 
 from services.analytics.distinct import Sketches
+from services.servicekit.db import Connection
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +202,7 @@ class Preaggregator:
             log.info("pre-aggregation", extra={"days": [d.isoformat() for d in result.refreshed]})
         return result
 
-    async def _refresh_day(self, conn: asyncpg.Connection, day: date, now: datetime) -> None:
+    async def _refresh_day(self, conn: Connection, day: date, now: datetime) -> None:
         start, end = _midnight(day), _midnight(day + timedelta(days=1))
         async with conn.transaction(isolation="repeatable_read"):
             await conn.execute("SET LOCAL work_mem = '64MB'")

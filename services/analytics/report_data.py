@@ -151,7 +151,7 @@ async def gather(
     pool: asyncpg.Pool,
     week: Week,
     now: datetime,
-    monitoring: monitoring_pb2_grpc.MonitoringServiceStub | None,
+    monitoring: monitoring_pb2_grpc.MonitoringServiceAsyncStub | None,
     monitoring_timeout: float = 2.0,
 ) -> WeeklyData:
     previous = week.previous
@@ -215,7 +215,7 @@ async def gather(
 async def _monitoring(
     data: WeeklyData,
     now: datetime,
-    monitoring: monitoring_pb2_grpc.MonitoringServiceStub | None,
+    monitoring: monitoring_pb2_grpc.MonitoringServiceAsyncStub | None,
     timeout: float,
 ) -> None:
     sections = ("apiLatency", "cacheHitRates", "alerts")

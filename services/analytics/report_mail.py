@@ -49,7 +49,10 @@ def build_message(
         f"<p>The full report is attached (PDF).</p></body></html>",
         subtype="html",
     )
-    html_part = message.get_payload()[1]
+    parts = message.get_payload()
+    assert isinstance(parts, list)
+    html_part = parts[1]
+    assert isinstance(html_part, EmailMessage)
     html_part.add_related(page_one_png, maintype="image", subtype="png", cid=cid)
     message.add_attachment(pdf, maintype="application", subtype="pdf", filename=f"cosnap-weekly-{week}.pdf")
     return message

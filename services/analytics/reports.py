@@ -107,7 +107,7 @@ class WeeklyReports:
         self,
         pool: asyncpg.Pool,
         leader: Leader,
-        monitoring: monitoring_pb2_grpc.MonitoringServiceStub | None,
+        monitoring: monitoring_pb2_grpc.MonitoringServiceAsyncStub | None,
         smtp: report_mail.SmtpSettings,
         *,
         retention_days: int,

@@ -90,7 +90,12 @@ async def _run(apps: list[Any], start_edge: Any, admin_token: str, tmp_path: Pat
         print(f"\nschemathesis leaves out {len(left_out)} UNIMPLEMENTED operations: {sorted(left_out)}")
     # A server stream never ends, so a fuzzer waiting for its body would hang; the live
     # stream is tested through the edge in tests/analytics/test_live.py.
-    streams = [op["operationId"] for path, item in document["paths"].items() if path.endswith(":stream") for op in item.values()]
+    streams = [
+        op["operationId"]
+        for path, item in document["paths"].items()
+        if path.endswith(":stream")
+        for op in item.values()
+    ]
     assert streams, "the live dashboard stream is in the document"
     print(f"\nschemathesis leaves out the server streams: {sorted(streams)}")
     left_out = [*left_out, *streams]
