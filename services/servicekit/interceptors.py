@@ -11,7 +11,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias, cast
 
 import grpc
 from prometheus_client import Counter, Gauge, Histogram
@@ -39,6 +39,15 @@ IN_FLIGHT = Gauge("grpc_server_in_flight", "RPCs being served (streams included)
 
 TimingSink = Callable[[str, str, float], None]  # (method, status code name, duration ms)
 
+if TYPE_CHECKING:  # the stubs' generics are not subscriptable at run time
+    AioContext: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+    Handler: TypeAlias = grpc.RpcMethodHandler[Any, Any]
+    UnaryBehavior: TypeAlias = Callable[[Any, AioContext], Awaitable[Any]]
+    StreamBehavior: TypeAlias = Callable[[Any, AioContext], AsyncIterator[Any]]
+# types-grpcio describes RpcMethodHandler for the threaded server (sync callables taking
+# grpc.ServicerContext). On grpc.aio its behaviours are coroutine functions or async
+# generator functions taking an aio context: the casts below say so, where they are read.
+
 
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
     """Wraps every RPC of the services registered with an access level, unary and
@@ -63,9 +72,9 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Handler | None:
         handler = await continuation(details)
         access = self._access.get(details.method)
         if handler is None or access is None:
@@ -73,13 +82,13 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         call = _Call(self, access, details)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                call.unary(handler.unary_unary),
+                call.unary(cast("UnaryBehavior", handler.unary_unary)),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                call.stream(handler.unary_stream),
+                call.stream(cast("UnaryBehavior | StreamBehavior", handler.unary_stream)),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
@@ -95,7 +104,8 @@ class _Call:
         self.access = access
         self.method = details.method
         self.service, _, self.name = details.method[1:].rpartition("/")
-        self.metadata = dict(details.invocation_metadata or ())
+        # Text values only: binary (`-bin`) metadata never carries what is read here.
+        self.metadata = {k: v for k, v in details.invocation_metadata or () if isinstance(v, str)}
 
     def _begin(self) -> contextvars.Token[str]:
         """Request id, then authentication (raises AuthError)."""
@@ -114,7 +124,7 @@ class _Call:
         authorize(self.access, principal)
         current_principal.set(principal)
 
-    async def _fail(self, exc: Exception, context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    async def _fail(self, exc: Exception, context: AioContext) -> NoReturn:
         """Map an exception to the RPC's status and abort with it (raises AbortError)."""
         if isinstance(exc, AuthError):
             code = grpc.StatusCode.PERMISSION_DENIED if exc.denied else grpc.StatusCode.UNAUTHENTICATED
@@ -143,8 +153,8 @@ class _Call:
         with contextlib.suppress(ValueError):  # a generator may be closed in another context
             request_id.reset(rid_token)
 
-    def unary(self, behavior: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]) -> Any:
-        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    def unary(self, behavior: UnaryBehavior) -> UnaryBehavior:
+        async def wrapped(request: Any, context: AioContext) -> Any:
             rid_token = self._begin()
             started = time.perf_counter()
             code = grpc.StatusCode.OK
@@ -155,7 +165,7 @@ class _Call:
                 code = grpc.StatusCode.CANCELLED
                 raise
             except grpc.aio.AbortError:
-                code = context.code() or grpc.StatusCode.UNKNOWN
+                code = _aborted_code(context)
                 raise
             except Exception as exc:
                 code = _code_of(exc)
@@ -165,19 +175,20 @@ class _Call:
 
         return wrapped
 
-    def stream(self, behavior: Callable[[Any, grpc.aio.ServicerContext], Any]) -> Any:
+    def stream(self, behavior: UnaryBehavior | StreamBehavior) -> UnaryBehavior | StreamBehavior:
         if not inspect.isasyncgenfunction(behavior):
             # A handler writing with context.write(): a coroutine like a unary one.
-            return self.unary(behavior)
+            return self.unary(cast("UnaryBehavior", behavior))
+        messages = cast("StreamBehavior", behavior)
 
-        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def wrapped(request: Any, context: AioContext) -> AsyncIterator[Any]:
             rid_token = self._begin()
             started = time.perf_counter()
             first: float | None = None
             code = grpc.StatusCode.OK
             try:
                 self._authenticate()
-                async for message in behavior(request, context):
+                async for message in messages(request, context):
                     if first is None:
                         first = time.perf_counter()
                     yield message
@@ -185,7 +196,7 @@ class _Call:
                 code = grpc.StatusCode.CANCELLED
                 raise
             except grpc.aio.AbortError:
-                code = context.code() or grpc.StatusCode.UNKNOWN
+                code = _aborted_code(context)
                 raise
             except Exception as exc:
                 code = _code_of(exc)
@@ -194,6 +205,12 @@ class _Call:
                 self._end(code, (first if first is not None else time.perf_counter()) - started, rid_token)
 
         return wrapped
+
+
+def _aborted_code(context: AioContext) -> grpc.StatusCode:
+    # The stubs declare code() as StatusCode, but grpc.aio answers None until a code is set.
+    code = cast("grpc.StatusCode | None", context.code())
+    return code if code is not None else grpc.StatusCode.UNKNOWN
 
 
 def _code_of(exc: Exception) -> grpc.StatusCode:

@@ -185,6 +185,11 @@ class Invalidations:
         self.subscribed = False
         self.subscribed_event.clear()
 
+    @property
+    def closing(self) -> bool:
+        """True once close() began (read through a property: close() sets it while the loop awaits)."""
+        return self._closing
+
     async def _subscribe_loop(self) -> None:
         """Receive invalidations; reconnect with backoff and resubscribe after failures."""
         link = self._link
@@ -195,7 +200,7 @@ class Invalidations:
             try:
                 async with asyncio.timeout(link.timeout):
                     if self._cluster:
-                        await self._redis.initialize()  # type: ignore[union-attr]  # the slot map
+                        await self._redis.initialize()  # the cluster's slot map
                         await pubsub.ssubscribe(self.channel)
                     else:
                         await pubsub.subscribe(self.channel)
@@ -243,7 +248,7 @@ class Invalidations:
                 self.subscribed_event.clear()
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
-            if self._closing:
+            if self.closing:
                 return
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, link.backoff_max)

@@ -5,6 +5,7 @@ level and replica) and :func:`get_or_load_message`."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import uuid
@@ -245,7 +246,7 @@ class MultiLevelCache(Generic[T]):
             task = asyncio.create_task(self._load(key, loader, ttl, flight))
             flight.task = task
             self._flights[key] = flight
-            task.add_done_callback(lambda t, k=key, f=flight: self._flight_done(k, f, t))
+            task.add_done_callback(functools.partial(self._flight_done, key, flight))
         else:
             self._coalesced += 1
         assert flight.task is not None
