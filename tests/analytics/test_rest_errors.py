@@ -72,6 +72,9 @@ CASES: list[tuple[str, Any, int, str]] = [
     (EVENTS, {"events": [event(colour="blue")]}, 400, "colour"),
     (EVENTS, {"events": [event(timestamp="yesterday")]}, 400, "timestamp"),
     (METRICS, {"metrics": [metric(value="fast")]}, 400, "value"),
+    # `true` is not a number: protobuf's json_format alone would store it as 1.
+    (METRICS, {"metrics": [metric(value=True)]}, 400, "metrics[0].value"),
+    (METRICS, {"metrics": [metric(delta=False)]}, 400, "metrics[0].delta"),
     (EVENTS, {"events": "not a list"}, 400, "events"),
     (EVENTS, b'{"events": [', 400, "JSON"),
     (EVENTS, {"events": [event(page="x" * (1 << 20))]}, 413, "limit"),
