@@ -23,7 +23,12 @@ from cosnap.analytics.v1 import analytics_pb2, analytics_pb2_grpc
 from services.analytics import app as analytics_app
 from services.analytics import validation
 from services.analytics.validation import Limits
-from services.servicekit.errors import ServiceError, bad_request_violations
+from services.analytics.validation.common import CACHE_MAX, BatchClock
+from services.analytics.validation.events import event_row, event_types
+from services.analytics.validation.jsonvalues import key_json
+from services.analytics.validation.metrics import metric_row
+from services.analytics.validation.steps import step_row
+from services.servicekit.errors import FieldViolations, ServiceError, bad_request_violations
 from tests.conftest import StartService
 
 LIMITS = Limits(max_items=500, retention_days=30)
@@ -489,7 +494,7 @@ def test_fast_and_checked_paths_agree_on_random_items() -> None:
     violation is the checked path's, in its order."""
     rng = random.Random(7)
     now = time.time()
-    clock = validation._Clock(now, LIMITS.retention_days)
+    clock = BatchClock(now, LIMITS.retention_days)
     stamps = [
         None,
         timestamp_pb2.Timestamp(),
@@ -555,15 +560,15 @@ def test_fast_and_checked_paths_agree_on_random_items() -> None:
             stamp(s)
             props(s)
         for request, items, validate, checked in (
-            (events, events.events, validation.validate_events, validation._event_row),
-            (metrics, metrics.metrics, validation.validate_metrics, validation._metric_row),
-            (steps, steps.steps, validation.validate_steps, validation._step_row),
+            (events, events.events, validation.validate_events, event_row),
+            (metrics, metrics.metrics, validation.validate_metrics, metric_row),
+            (steps, steps.steps, validation.validate_steps, step_row),
         ):
             request = type(request).FromString(request.SerializeToString())
             items = getattr(
                 request, items.DESCRIPTOR.name if False else type(request).DESCRIPTOR.fields[0].name
             )
-            expected_violations = validation.FieldViolations()
+            expected_violations = FieldViolations()
             expected = [checked(item, i, clock, expected_violations) for i, item in enumerate(items)]
             if expected_violations:
                 assert violations_of(partial(validate, request, now, LIMITS)) == expected_violations.items
@@ -579,7 +584,7 @@ def test_metric_attributes_json_matches_the_reference() -> None:
 
 
 def test_caches_stay_bounded() -> None:
-    for i in range(validation._CACHE_MAX + 50):
+    for i in range(CACHE_MAX + 50):
         request = analytics_pb2.RecordEventsRequest(
             events=[
                 ev(
@@ -589,5 +594,5 @@ def test_caches_stay_bounded() -> None:
             ]
         )
         validation.validate_events(request, time.time(), LIMITS)
-    assert len(validation._event_types) <= validation._CACHE_MAX
-    assert len(validation._key_json) <= validation._CACHE_MAX
+    assert len(event_types) <= CACHE_MAX
+    assert len(key_json) <= CACHE_MAX
