@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextvars
 import enum
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import jwt
@@ -61,27 +62,99 @@ class AuthError(Exception):
         self.denied = denied
 
 
-def verify(authorization: str | None, secret: str) -> Principal | None:
-    """The principal of an `Authorization: Bearer` value; None without one."""
-    if not authorization:
-        return None
+def _bearer(authorization: str) -> str:
     scheme, _, token = authorization.partition(" ")
     if scheme.lower() != "bearer" or not token:
         raise AuthError("authorization must be 'Bearer <token>'")
+    return token.strip()
+
+
+def _decode(token: str, secret: str) -> tuple[Principal, float]:
+    """Signature (HS256 only), required claims and role checked; (principal, exp).
+
+    `exp` is checked by the caller against its clock (`_refuse_expired`), on every use:
+    PyJWT's own check would read the system clock, and a cached token must be checked
+    again each time anyway."""
     try:
         claims = jwt.decode(
-            token.strip(),
+            token,
             secret,
             algorithms=["HS256"],
-            options={"require": ["exp", "sub"]},
+            options={"require": ["exp", "sub"], "verify_exp": False},
             leeway=CLOCK_SKEW_SECONDS,
         )
     except jwt.PyJWTError as exc:
         raise AuthError(f"invalid token: {exc}") from None
+    exp = claims["exp"]
+    if isinstance(exp, bool) or not isinstance(exp, int | float) or exp != exp:  # NaN
+        raise AuthError("invalid token: Expiration Time claim (exp) must be a number.")
     role = claims.get("role", "user")
     if role not in ROLES:
         raise AuthError("invalid token: role must be user, admin or service")
-    return Principal(subject=str(claims["sub"]), role=role)
+    return Principal(subject=str(claims["sub"]), role=role), float(exp)
+
+
+def _refuse_expired(exp: float, now: float) -> None:
+    # PyJWT's rule: expired once exp <= now - leeway.
+    if exp <= now - CLOCK_SKEW_SECONDS:
+        raise AuthError("invalid token: Signature has expired")
+
+
+def verify(authorization: str | None, secret: str, clock: Clock = SYSTEM_CLOCK) -> Principal | None:
+    """The principal of an `Authorization: Bearer` value; None without one."""
+    if not authorization:
+        return None
+    principal, exp = _decode(_bearer(authorization), secret)
+    _refuse_expired(exp, clock.time())
+    return principal
+
+
+class VerifiedTokens:
+    """`verify` with a bounded memory of tokens already verified.
+
+    Verifying an HS256 token with PyJWT costs about as much as the rest of a small RPC;
+    clients send the same token on every call until it expires. A token whose signature,
+    claims and role passed is remembered by its exact text with its principal and `exp`
+    (least recently used dropped beyond `max_tokens`). `exp` is checked against the
+    clock on every use, cached or not, so an expired token is refused at once; a token
+    that fails any check is never remembered, so a forged, wrongly signed or `none`
+    token always goes through the full verification.
+    """
+
+    def __init__(self, secret: str, max_tokens: int = 4096, clock: Clock = SYSTEM_CLOCK) -> None:
+        if max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
+        self._secret = secret
+        self._max = max_tokens
+        self._clock = clock
+        self._tokens: OrderedDict[str, tuple[Principal, float]] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._tokens)
+
+    def verify(self, authorization: str | None) -> Principal | None:
+        if not authorization:
+            return None
+        token = _bearer(authorization)
+        now = self._clock.time()
+        known = self._tokens.get(token)
+        if known is not None:
+            principal, exp = known
+            if exp <= now - CLOCK_SKEW_SECONDS:
+                del self._tokens[token]
+                raise AuthError("invalid token: Signature has expired")
+            self._tokens.move_to_end(token)
+            self.hits += 1
+            return principal
+        self.misses += 1
+        principal, exp = _decode(token, self._secret)
+        _refuse_expired(exp, now)
+        self._tokens[token] = (principal, exp)
+        if len(self._tokens) > self._max:
+            self._tokens.popitem(last=False)
+        return principal
 
 
 def authorize(access: Access, principal: Principal | None) -> None:

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias, cast
 import grpc
 from prometheus_client import Counter, Gauge, Histogram
 
-from .auth import Access, AuthError, authorize, current_principal, verify
+from .auth import Access, AuthError, VerifiedTokens, authorize, current_principal
+from .clock import SYSTEM_CLOCK, Clock
 from .errors import ServiceError
 from .logs import request_id
 
@@ -64,9 +65,12 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         access: Mapping[str, Access],
         jwt_secret: str,
         timing_sink: TimingSink | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+        max_cached_tokens: int = 4096,
     ) -> None:
         self._access = access
-        self._secret = jwt_secret
+        # Tokens verified once are remembered (exp still checked on every call).
+        self.tokens = VerifiedTokens(jwt_secret, max_cached_tokens, clock)
         self._sink = timing_sink
         self.in_flight = 0
 
@@ -116,7 +120,7 @@ class _Call:
 
     def _authenticate(self) -> None:
         try:
-            principal = verify(self.metadata.get("authorization"), self.owner._secret)
+            principal = self.owner.tokens.verify(self.metadata.get("authorization"))
         except AuthError:
             if self.access is not Access.PUBLIC:
                 raise

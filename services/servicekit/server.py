@@ -230,7 +230,9 @@ class ServiceApp:
             ("grpc.max_connection_age_grace_ms", int(s.shutdown_grace_seconds * 1000)),
             ("grpc.so_reuseport", 0),
         ]
-        self._interceptor = ServiceInterceptor(self._access, s.auth_jwt_secret, self._timing)
+        self._interceptor = ServiceInterceptor(
+            self._access, s.auth_jwt_secret, self._timing, clock=self.clock
+        )
         self._server = grpc.aio.server(
             interceptors=[self._arrivals, self._interceptor],
             options=options,
