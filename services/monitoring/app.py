@@ -11,7 +11,7 @@ from pydantic import Field, field_validator
 
 from cosnap.monitoring.v1 import monitoring_pb2, monitoring_pb2_grpc
 from services.servicekit.auth import Access
-from services.servicekit.clock import SYSTEM_CLOCK, Clock
+from services.servicekit.clock import Clock
 from services.servicekit.config import ServiceSettings
 from services.servicekit.partitions import DailyPartitions
 from services.servicekit.server import ServiceApp
@@ -123,12 +123,13 @@ def state(app: ServiceApp) -> Monitoring:
     return _STATE[app]
 
 
-async def wire(app: ServiceApp, clock: Clock | None = None) -> None:
+async def wire(app: ServiceApp) -> None:
+    """Build monitoring on a connected app; everything runs on `app.clock` (the kit's)."""
     settings = app.settings
     assert isinstance(settings, MonitoringSettings)
     assert app.pool is not None and app.redis is not None, "connect() first"
     pool = app.pool
-    clock = clock or SYSTEM_CLOCK
+    clock = app.clock
 
     maintainer = DailyPartitions(
         pool,

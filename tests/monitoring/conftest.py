@@ -9,10 +9,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import asyncpg
 import grpc
 import pytest
-import redis.asyncio as aioredis
 from aiohttp import web
 
 from cosnap.monitoring.v1 import monitoring_pb2_grpc
@@ -21,7 +19,8 @@ from services.servicekit.auth import ServiceTokens
 from services.servicekit.channels import service_channel
 from services.servicekit.clock import Clock
 from services.servicekit.server import ServiceApp
-from tests.support import DATABASE_URL, JWT_SECRET, REDIS_URL, unique_name
+from tests.conftest import StartService
+from tests.support import JWT_SECRET
 
 Connect = Callable[[ServiceApp], monitoring_pb2_grpc.MonitoringServiceStub]
 StartMonitoring = Callable[..., Awaitable[ServiceApp]]
@@ -60,39 +59,17 @@ async def connect_client() -> AsyncIterator[Connect]:
 
 
 @pytest.fixture
-async def start_monitoring(
-    admin_pg: asyncpg.Connection, redis_client: aioredis.Redis
-) -> AsyncIterator[StartMonitoring]:
-    """`app = await start_monitoring(clock=..., schema=..., **settings)`: a monitoring
-    app in this process; apps given the same `schema` share their database (replicas).
-    The evaluation loop runs every 300 s unless told otherwise: tests step it by hand."""
-    apps: list[ServiceApp] = []
+def start_monitoring(start_service: StartService) -> StartMonitoring:
+    """`app = await start_monitoring(clock=..., schema=..., **settings)`: the root
+    `start_service` for monitoring (apps given the same `schema` are replicas on one
+    database), whose evaluation loop runs every 300 s unless told otherwise: tests
+    step it by hand."""
 
     async def start(clock: Clock | None = None, schema: str | None = None, **overrides: Any) -> ServiceApp:
-        name = schema or unique_name("monitoring")
-        values: dict[str, Any] = {
-            "database_url": DATABASE_URL,
-            "redis_url": REDIS_URL,
-            "db_schema": name,
-            "redis_prefix": name,
-            "auth_jwt_secret": JWT_SECRET,
-            "grpc_host": "127.0.0.1",
-            "grpc_port": 0,
-            "metrics_port": 0,
-            "shutdown_grace_seconds": 5,
-            "monitoring_eval_interval_seconds": 300,
-        }
-        settings = monitoring_app.MonitoringSettings(**{**values, **overrides})
-        app = ServiceApp(monitoring_app.NAME, settings, monitoring_app.MIGRATIONS)
-        await app.connect()
-        await monitoring_app.wire(app, clock)
-        await app.start()
-        apps.append(app)
-        return app
+        settings = {"monitoring_eval_interval_seconds": 300, **overrides}
+        return await start_service(monitoring_app, clock, schema=schema, **settings)
 
-    yield start
-    for app in apps:
-        await app.stop()
+    return start
 
 
 @dataclass
