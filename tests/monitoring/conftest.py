@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 import pytest
@@ -22,19 +22,25 @@ from services.servicekit.server import ServiceApp
 from tests.conftest import StartService
 from tests.support import JWT_SECRET
 
-Connect = Callable[[ServiceApp], monitoring_pb2_grpc.MonitoringServiceStub]
+
+class Connect(Protocol):
+    def __call__(self, app: ServiceApp, service: str = ...) -> monitoring_pb2_grpc.MonitoringServiceStub: ...
+
+
+ConnectClient = Callable[[ServiceApp], monitoring_pb2_grpc.MonitoringServiceStub]
 StartMonitoring = Callable[..., Awaitable[ServiceApp]]
 
 
 @pytest.fixture
 async def connect() -> AsyncIterator[Connect]:
-    """`stub = connect(app)`: a MonitoringService stub to a running app as another
-    service calls it: every call carries a `service` token (internal RPCs accept
-    nothing else; it replaces any `authorization` the call sets)."""
+    """`stub = connect(app, service="effects")`: a MonitoringService stub to a running
+    app as that service calls it: every call carries its `service` token (internal RPCs
+    accept nothing else, and a service reports only for itself; the token replaces any
+    `authorization` the call sets)."""
     channels: list[grpc.aio.Channel] = []
 
-    def make(app: ServiceApp) -> monitoring_pb2_grpc.MonitoringServiceStub:
-        channel = service_channel(f"127.0.0.1:{app.port}", ServiceTokens(JWT_SECRET, "tests"))
+    def make(app: ServiceApp, service: str = "effects") -> monitoring_pb2_grpc.MonitoringServiceStub:
+        channel = service_channel(f"127.0.0.1:{app.port}", ServiceTokens(JWT_SECRET, service))
         channels.append(channel)
         return monitoring_pb2_grpc.MonitoringServiceStub(channel)
 
@@ -44,7 +50,7 @@ async def connect() -> AsyncIterator[Connect]:
 
 
 @pytest.fixture
-async def connect_client() -> AsyncIterator[Connect]:
+async def connect_client() -> AsyncIterator[ConnectClient]:
     """`stub = connect_client(app)`: a stub as a browser or admin calls it (no token of its own)."""
     channels: list[grpc.aio.Channel] = []
 

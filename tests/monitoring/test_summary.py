@@ -14,7 +14,7 @@ from cosnap.monitoring.v1 import monitoring_pb2, monitoring_pb2_grpc
 from services.monitoring import app as monitoring_app
 from services.servicekit.clock import ManualClock
 from services.servicekit.errors import bad_request_violations
-from tests.monitoring.conftest import Connect, StartMonitoring
+from tests.monitoring.conftest import Connect, ConnectClient, StartMonitoring
 from tests.monitoring.test_rules import ENDPOINT, Driver, latency
 
 OTHER = "/cosnap.effects.v1.EffectsService/ListEffects"
@@ -51,7 +51,7 @@ def summary_request(end: datetime | None, window: timedelta) -> monitoring_pb2.G
 
 
 async def test_a_past_week_reads_its_own_rollups_and_alert_activity(
-    start_monitoring: StartMonitoring, connect: Connect, connect_client: Connect, admin_token: str
+    start_monitoring: StartMonitoring, connect: Connect, connect_client: ConnectClient, admin_token: str
 ) -> None:
     real = datetime.now(UTC).replace(second=0, microsecond=0)
     this_monday = (real - timedelta(days=real.weekday())).replace(hour=0, minute=0)

@@ -61,7 +61,7 @@ async def test_timings_land_raw_and_in_minute_rollups_and_summary(
     start_service: StartService, connect: Connect
 ) -> None:
     app = await start_service(monitoring_app)
-    stub = connect(app)
+    stub = connect(app, "analytics")
     now = datetime.now(UTC).replace(second=30, microsecond=0) - timedelta(minutes=2)
     batch = [timing(10.0, at=now) for _ in range(90)]
     batch += [timing(3500.0, at=now) for _ in range(8)]
@@ -90,7 +90,7 @@ async def test_timings_land_raw_and_in_minute_rollups_and_summary(
 
 async def test_stats_and_cache_hit_rates(start_service: StartService, connect: Connect) -> None:
     app = await start_service(monitoring_app)
-    stub = connect(app)
+    stub = connect(app, "analytics")
     for hits, misses in ((30, 10), (50, 10)):
         await stub.ReportServiceStats(
             monitoring_pb2.ReportServiceStatsRequest(
@@ -129,7 +129,7 @@ async def test_bad_timings_are_refused_whole(
     start_service: StartService, connect: Connect, field: str, bad: monitoring_pb2.ApiTiming
 ) -> None:
     app = await start_service(monitoring_app)
-    stub = connect(app)
+    stub = connect(app, "analytics")
     request = monitoring_pb2.RecordApiTimingsRequest(timings=[bad, timing(1.0)])
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await stub.RecordApiTimings(request)
@@ -143,7 +143,7 @@ async def test_out_of_range_timestamps_and_oversized_batches_are_refused(
     start_service: StartService, connect: Connect
 ) -> None:
     app = await start_service(monitoring_app, monitoring_max_timings=3)
-    stub = connect(app)
+    stub = connect(app, "analytics")
     t = timing(1.0)
     t.observed_at.seconds = 2**62  # beyond any datetime
     with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -214,7 +214,7 @@ async def test_raw_partitions_retire_and_rollups_and_resolved_alerts_age_out(
 
 async def test_concurrent_batches_are_group_committed(start_service: StartService, connect: Connect) -> None:
     app = await start_service(monitoring_app)
-    stub = connect(app)
+    stub = connect(app, "analytics")
     store = monitoring_app.state(app).timings
     before = store.flushes
     replies = await asyncio.gather(
@@ -228,3 +228,29 @@ async def test_concurrent_batches_are_group_committed(start_service: StartServic
     assert app.pool is not None
     assert await app.pool.fetchval("SELECT count(*) FROM api_timings") == 2000
     assert await app.pool.fetchval("SELECT sum(requests) FROM api_rollup_minute") == 2000
+
+
+async def test_a_service_reports_only_for_itself(start_service: StartService, connect: Connect) -> None:
+    app = await start_service(monitoring_app)
+    as_analytics = connect(app, "analytics")
+    mixed = [timing(1.0, service="analytics"), timing(1.0, service="effects")]
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await as_analytics.RecordApiTimings(monitoring_pb2.RecordApiTimingsRequest(timings=mixed))
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert (info.value.details() or "").startswith("timings[1].service:")
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await as_analytics.ReportServiceStats(
+            monitoring_pb2.ReportServiceStatsRequest(
+                service="effects", instance="effects-0", heap_used_bytes=1
+            )
+        )
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert (info.value.details() or "").startswith("service:")
+    assert app.pool is not None
+    for table in ("api_timings", "api_rollup_minute", "instance_stats_minute"):
+        assert await app.pool.fetchval(f"SELECT count(*) FROM {table}") == 0  # nothing of either batch
+    # the same reports under the right token are taken
+    reply = await connect(app, "effects").RecordApiTimings(
+        monitoring_pb2.RecordApiTimingsRequest(timings=[timing(1.0, service="effects")])
+    )
+    assert reply.accepted == 1
