@@ -9,6 +9,7 @@ policies and the Secret template.
 from __future__ import annotations
 
 import copy
+import importlib
 import re
 import shutil
 import subprocess
@@ -248,12 +249,13 @@ def test_environment_names_and_values_are_settings_the_services_read(
     overlay: tuple[str, list[dict[str, Any]]],
 ) -> None:
     """A misspelt variable is silently ignored by pydantic-settings: catch it here, and
-    validate the literal values with the services' own settings model."""
+    validate the literal values with each service's own settings model."""
     _, docs = overlay
-    fields = {name.upper() for name in ServiceSettings.model_fields}
     for name, spec in pod_specs(docs):
         if name not in BACKENDS:
             continue
+        settings: type[ServiceSettings] = importlib.import_module(f"services.{name}.app").SETTINGS
+        fields = {field.upper() for field in settings.model_fields}
         for container in containers(spec):
             env = env_of(container, docs)
             names = set(env) | {v["name"] for v in container.get("env", [])}
@@ -261,7 +263,7 @@ def test_environment_names_and_values_are_settings_the_services_read(
             assert not unknown, f"{name}/{container['name']}: {unknown}"
             values = {k.lower(): v for k, v in env.items() if k in fields}
             values["auth_jwt_secret"] = "x" * 32  # from the Secret
-            ServiceSettings.model_validate(values)
+            settings.model_validate(values)
 
 
 def test_secret_references(overlay: tuple[str, list[dict[str, Any]]], base: list[dict[str, Any]]) -> None:
@@ -437,6 +439,29 @@ def test_headless_services_for_grpc_backends_match_envoy(overlay: tuple[str, lis
         metrics = [p for p in spec["ports"] if p["name"] == "metrics"]
         assert metrics and named_port(container, "metrics") == metrics[0]["port"]
     assert envoy_backends() == {n: (n, grpc_services[n]["spec"]["ports"][0]["port"]) for n in BACKENDS}
+
+
+def test_monitoring_checks_every_other_backend_and_may_notify(
+    overlay: tuple[str, list[dict[str, Any]]], base: list[dict[str, Any]]
+) -> None:
+    """MONITORING_HEALTH_TARGETS names each other backend at its headless Service's gRPC
+    port; MONITORING_WEBHOOK_URLS comes from the Secret (URLs carry tokens), optionally."""
+    from services.monitoring.health import parse_targets
+    from services.monitoring.notify import parse_receivers
+
+    _, docs = overlay
+    container = server(dict(pod_specs(docs))["monitoring"])
+    services = of_kind(docs, "Service")
+    grpc_ports = {
+        n: p["port"] for n, s in services.items() for p in s["spec"]["ports"] if p["name"] == "grpc"
+    }
+    targets = parse_targets(env_of(container, docs)["MONITORING_HEALTH_TARGETS"])
+    assert targets == {n: f"{n}:{grpc_ports[n]}" for n in BACKENDS if n != "monitoring"}
+    (hooks,) = [v for v in container["env"] if v["name"] == "MONITORING_WEBHOOK_URLS"]
+    ref = hooks["valueFrom"]["secretKeyRef"]
+    assert (ref["name"], ref["key"], ref.get("optional")) == (SECRET, "MONITORING_WEBHOOK_URLS", True)
+    template = of_kind(base, "Secret")[SECRET]["stringData"]
+    assert parse_receivers(template["MONITORING_WEBHOOK_URLS"])  # the placeholder has the right shape
 
 
 def test_prometheus_annotations_point_at_the_metrics_port(overlay: tuple[str, list[dict[str, Any]]]) -> None:

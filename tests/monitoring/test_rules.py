@@ -19,7 +19,7 @@ from services.monitoring.evaluator import Pass
 from services.monitoring.rules import RulesError, load_rules, parse_rule
 from services.servicekit.clock import ManualClock
 from services.servicekit.server import ServiceApp
-from tests.monitoring.conftest import Connect, Receiver, StartMonitoring
+from tests.monitoring.conftest import Connect, ConnectClient, Receiver, StartMonitoring
 
 ENDPOINT = "/cosnap.effects.v1.EffectsService/GetTask"
 Feed = Callable[["Driver"], Awaitable[None]]
@@ -198,7 +198,8 @@ async def test_no_flapping_around_the_threshold(driver: tuple[Driver, Receiver])
     assert [t.to for t in (await d.minute(latency(3200.0))).transitions if t.severity == "warning"] == []
     await receiver.wait_for(1)
     # below 3 s but above the 2.5 s clear threshold, then above again, then below: no change
-    for ms in (2800.0, 3200.0, 2800.0, 2900.0, 3100.0, 2700.0, 2800.0, 2800.0, 2800.0, 2800.0):
+    # (the last 7 minutes fill the window and outlast keep_firing_for: hysteresis alone holds it)
+    for ms in (2800.0, 3200.0, 2800.0, 2900.0, 3100.0, 2700.0, *[2800.0] * 7):
         result = await d.minute(latency(ms))
         assert not result.find("ApiLatencyHigh", "warning", "resolved"), ms
         assert not result.find("ApiLatencyHigh", "warning", "firing"), ms
@@ -211,6 +212,50 @@ async def test_no_flapping_around_the_threshold(driver: tuple[Driver, Receiver])
         ("firing", "ApiLatencyHigh", "warning"),
         ("resolved", "ApiLatencyHigh", "warning"),
     ]
+
+
+# Per kind: what fires it; then a value between the threshold and the clear threshold
+# for longer than the window and `keep_firing_for` (hysteresis alone keeps it firing),
+# a short return above the threshold and the in-between value again; what clears it.
+NEAR = [
+    (
+        "ApiErrorRateHigh",
+        errors(0.02, n=1000),
+        [errors(r, n=1000) for r in [0.009] * 7 + [0.012] * 2 + [0.009] * 7],
+        errors(0.0),
+    ),
+    ("MemoryHigh", memory(0.9), [memory(r) for r in [0.78] * 7 + [0.82] * 2 + [0.78] * 7], memory(0.5)),
+    (
+        "CacheHitRateLow",
+        cache(0.4),
+        [cache(r) for r in [0.62] * 13 + [0.58] * 2 + [0.62] * 13],
+        cache(0.95),
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "bad", "near", "good"), NEAR, ids=[n for n, _, _, _ in NEAR])
+async def test_no_flapping_around_the_other_thresholds(
+    driver: tuple[Driver, Receiver], name: str, bad: Feed, near: list[Feed], good: Feed
+) -> None:
+    d, receiver = driver
+    for _ in range(30):
+        if (await d.minute(bad)).find(name, "warning", "firing"):
+            break
+    else:
+        pytest.fail(f"{name} never fired")
+    for feed in near:  # across the threshold and back, never past the clear threshold
+        result = await d.minute(feed)
+        assert not result.find(name, "warning", "resolved")
+        assert not result.find(name, "warning", "firing")
+    for _ in range(30):
+        if (await d.minute(good)).find(name, "warning", "resolved"):
+            break
+    else:
+        pytest.fail(f"{name} never resolved")
+    await receiver.wait_for(2)
+    assert receiver.alerts() == [("firing", name, "warning"), ("resolved", name, "warning")]
+    assert len(await d.alerts()) == 1
 
 
 async def test_pending_that_stops_is_forgotten_quietly(driver: tuple[Driver, Receiver]) -> None:
@@ -286,7 +331,7 @@ async def test_identical_alerts_are_one_alert_and_one_notification(driver: tuple
 
 
 async def test_an_admin_resolving_a_rule_alert_starts_the_rule_over(
-    driver: tuple[Driver, Receiver], admin_token: str, connect_client: Connect
+    driver: tuple[Driver, Receiver], admin_token: str, connect_client: ConnectClient
 ) -> None:
     d, receiver = driver
     for _ in range(3):
