@@ -42,7 +42,7 @@ def task_end(row: TaskRow) -> analytics_pb2.TaskEnd:
 class TaskEndReporter:
     def __init__(
         self,
-        stub: analytics_pb2_grpc.AnalyticsServiceStub,
+        stub: analytics_pb2_grpc.AnalyticsServiceAsyncStub,
         *,
         max_buffer: int = 10_000,
         batch: int = 200,

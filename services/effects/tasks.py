@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-import redis.asyncio as aioredis
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2
 from prometheus_client import Counter
@@ -31,6 +30,7 @@ from cosnap.effects.v1 import effects_pb2
 from services.servicekit.auth import Principal
 from services.servicekit.cache import MultiLevelCache
 from services.servicekit.errors import FieldViolations, ServiceError, not_found, unavailable
+from services.servicekit.redis_client import RedisClient
 
 from . import envelope
 from .catalog import Catalog
@@ -109,7 +109,7 @@ class Tasks:
         catalog: Catalog,
         regions: Regions,
         cache: MultiLevelCache[CachedTask],
-        redis: aioredis.Redis,
+        redis: RedisClient,
         redis_prefix: str,
         limiter: RateLimiter,
         tokens: WebhookTokens,

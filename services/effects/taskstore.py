@@ -102,6 +102,14 @@ def parse_task_id(text: str) -> uuid.UUID | None:
         return None
 
 
+def _inserted_row(record: asyncpg.Record | None, task_id: uuid.UUID) -> TaskRow:
+    """The row this request inserted: only its own create path deletes it, so a
+    missing row is a broken invariant, not a state to serve."""
+    if record is None:
+        raise LookupError(f"task {task_id} vanished while being created")
+    return TaskRow.of(record)
+
+
 class TaskStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
@@ -166,13 +174,13 @@ class TaskStore:
             status,
             failure_json(failure) if failure else None,
         )
-        return TaskRow.of(record)
+        return _inserted_row(record, task_id)
 
     async def mark_ambiguous(self, task_id: uuid.UUID) -> TaskRow:
         record = await self._pool.fetchrow(
             f"UPDATE tasks SET create_state = 'ambiguous' WHERE task_id = $1 RETURNING {COLUMNS}", task_id
         )
-        return TaskRow.of(record)
+        return _inserted_row(record, task_id)
 
     async def adopt(self, task_id: uuid.UUID, rh_task_id: str) -> bool:
         """Attach the RunningHub id a confirmed webhook revealed (ambiguous or racing create)."""
