@@ -102,6 +102,10 @@ class EffectsSettings(ServiceSettings):
     effects_report_buffer: int = Field(
         10_000, ge=1, le=1_000_000, description="Task ends held for analytics."
     )
+    effects_report_timeout_seconds: float = Field(5.0, gt=0, le=60, description="Per RecordTaskEnds call.")
+    effects_report_max_backoff_seconds: float = Field(
+        30.0, gt=0, le=600, description="Longest wait between tries while analytics is away."
+    )
 
 
 SETTINGS = EffectsSettings
@@ -197,6 +201,8 @@ async def wire(app: ServiceApp) -> None:
         reporter = TaskEndReporter(
             analytics_pb2_grpc.AnalyticsServiceStub(app.service_channel(settings.analytics_addr)),
             max_buffer=settings.effects_report_buffer,
+            timeout=settings.effects_report_timeout_seconds,
+            max_backoff=settings.effects_report_max_backoff_seconds,
         )
         tasks.end_listeners.append(reporter.offer)
         app.run_in_background(reporter.run_forever(), "effects-task-end-reporter")
