@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import multiprocessing
 import os
 import random
 import subprocess
 import sys
 import time
 import uuid
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,7 @@ POLLERS = 1000
 SECONDS = 30.0
 INTERVAL = 2.0  # frontends poll every 2 to 5 s (RunningHub's own node: 2 s queued, 5 s running)
 USERS = 5
+CLIENT_POLLERS = 250  # pollers per client process by default
 KEY = "bench-global-key-000000000000"
 
 
@@ -82,17 +85,33 @@ def _percentile(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
 
 
-async def poll(
-    address: str, tasks: list[tuple[str, str]], pollers: int, seconds: float, interval: float, sim_url: str
-) -> dict[str, float]:
-    """`pollers` loops of GetTask, each on one task, every `interval` s, for `seconds`."""
-    channels = [grpc.aio.insecure_channel(address) for _ in range(4)]
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc; 10 ms resolution)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _pollers(
+    address: str,
+    tasks: list[tuple[str, str]],
+    first: int,
+    count: int,
+    total: int,
+    seconds: float,
+    interval: float,
+    start: float,
+) -> tuple[list[float], int]:
+    """Pollers first..first+count-1 of `total`, from `start` (wall clock) for `seconds`."""
+    channels = [grpc.aio.insecure_channel(address) for _ in range(2)]
+    for channel in channels:
+        await channel.channel_ready()
     stubs = [effects_pb2_grpc.EffectsServiceStub(c) for c in channels]
     latencies: list[float] = []
     errors = 0
     loop = asyncio.get_running_loop()
-    start = loop.time() + 0.5
-    end = start + seconds
+    begin = loop.time() + max(0.0, start - time.time())
+    end = begin + seconds
+    rand = random.Random(first)
 
     async def poller(i: int) -> None:
         nonlocal errors
@@ -100,7 +119,7 @@ async def poll(
         stub = stubs[i % len(stubs)]
         metadata = (("authorization", f"Bearer {token}"),)
         request = effects_pb2.GetTaskRequest(task_id=task_id)
-        next_at = start + random.uniform(0, interval)
+        next_at = begin + rand.uniform(0, interval)
         while True:
             await asyncio.sleep(max(0.0, next_at - loop.time()))
             if loop.time() >= end:
@@ -113,12 +132,57 @@ async def poll(
                 errors += 1
             next_at += interval
 
-    await asyncio.sleep(max(0.0, start - loop.time()))
-    before = await _outputs_calls(sim_url)
-    await asyncio.gather(*(poller(i) for i in range(pollers)))
-    upstream = await _outputs_calls(sim_url) - before
+    await asyncio.gather(*(poller(i) for i in range(first, first + count)))
     for channel in channels:
         await channel.close()
+    return latencies, errors
+
+
+def _client_process(
+    address: str,
+    tasks: list[tuple[str, str]],
+    first: int,
+    count: int,
+    total: int,
+    seconds: float,
+    interval: float,
+    start: float,
+) -> tuple[list[float], int]:
+    """One client process (its own event loop and gRPC channels)."""
+    return asyncio.run(_pollers(address, tasks, first, count, total, seconds, interval, start))
+
+
+async def poll(
+    address: str,
+    tasks: list[tuple[str, str]],
+    pollers: int,
+    seconds: float,
+    interval: float,
+    sim_url: str,
+    pid: int,
+    clients: int,
+) -> dict[str, float]:
+    """`pollers` loops of GetTask, each on one task, every `interval` s, for `seconds`,
+    spread over `clients` processes so that the client's own event loop does not
+    queue the replies it measures; `pid` is the server process whose CPU is counted."""
+    share = [pollers // clients + (1 if c < pollers % clients else 0) for c in range(clients)]
+    firsts = [sum(share[:c]) for c in range(clients)]
+    start = time.time() + 3.0  # the client processes start and connect meanwhile
+    loop = asyncio.get_running_loop()
+    with ProcessPoolExecutor(clients, mp_context=multiprocessing.get_context("spawn")) as pool:
+        runs = [
+            loop.run_in_executor(
+                pool, _client_process, address, tasks, firsts[c], share[c], pollers, seconds, interval, start
+            )
+            for c in range(clients)
+        ]
+        await asyncio.sleep(max(0.0, start - time.time()))
+        before, cpu_before = await _outputs_calls(sim_url), _cpu_seconds(pid)
+        results = await asyncio.gather(*runs)
+        cpu = _cpu_seconds(pid) - cpu_before
+        upstream = await _outputs_calls(sim_url) - before
+    latencies = [ms for run, _ in results for ms in run]
+    errors = sum(e for _, e in results)
     return {
         "polls": len(latencies),
         "errors": errors,
@@ -127,6 +191,7 @@ async def poll(
         "upstream_per_task_second": upstream / len(tasks) / seconds,
         "p50_ms": _percentile(latencies, 0.50),
         "p99_ms": _percentile(latencies, 0.99),
+        "cpu_ms_per_poll": cpu * 1000 / len(latencies) if latencies else 0.0,
     }
 
 
@@ -156,6 +221,7 @@ async def run(
     seconds: float = SECONDS,
     interval: float = INTERVAL,
     log_dir: Path | None = None,
+    clients: int = 0,
 ) -> dict[str, Any]:
     log_dir = log_dir or Path(os.environ.get("TMPDIR", "/tmp"))
     pollers = max(10, int(pollers * scale))
@@ -189,8 +255,15 @@ async def run(
             ["-m", "bench.effects_naive", str(naive_port), DATABASE_URL, schema, sim_url, KEY],
             log_dir / "bench-effects-naive.log",
         )
-        result["service"] = await poll(f"127.0.0.1:{port}", tasks, pollers, seconds, interval, sim_url)
-        result["naive"] = await poll(f"127.0.0.1:{naive_port}", tasks, pollers, seconds, interval, sim_url)
+        assert naive is not None
+        clients = clients or max(1, -(-pollers // CLIENT_POLLERS))
+        result["clients"] = clients
+        result["service"] = await poll(
+            f"127.0.0.1:{port}", tasks, pollers, seconds, interval, sim_url, service.pid, clients
+        )
+        result["naive"] = await poll(
+            f"127.0.0.1:{naive_port}", tasks, pollers, seconds, interval, sim_url, naive.pid, clients
+        )
         naive_calls = result["naive"]["upstream_per_task_second"]
         result["upstream_reduction"] = (
             1 - result["service"]["upstream_per_task_second"] / naive_calls if naive_calls else 0.0
@@ -210,14 +283,18 @@ async def run(
 def print_result(result: dict[str, Any]) -> None:
     print(
         f"\neffects: {result['pollers']} pollers over {result['tasks']} running tasks, one GetTask per "
-        f"poller every {result['interval']:g} s, {result['seconds']:g} s each"
+        f"poller every {result['interval']:g} s, {result['seconds']:g} s each, from {result['clients']} client"
+        " process(es)"
     )
-    print(f"{'':>22} {'polls/s':>9} {'errors':>7} {'upstream/task/s':>16} {'p50 ms':>8} {'p99 ms':>8}")
+    print(
+        f"{'':>22} {'polls/s':>9} {'errors':>7} {'upstream/task/s':>16} {'p50 ms':>8} {'p99 ms':>8}"
+        f" {'server CPU ms/poll':>19}"
+    )
     for name in ("naive", "service"):
         r = result[name]
         print(
             f"{name:>22} {r['polls_per_second']:>9.0f} {r['errors']:>7} {r['upstream_per_task_second']:>16.3f}"
-            f" {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f}"
+            f" {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {r['cpu_ms_per_poll']:>19.3f}"
         )
     print(
         f"upstream calls: {result['upstream_reduction'] * 100:.1f} % fewer than naive (goal >= 95 %); "
@@ -232,5 +309,8 @@ if __name__ == "__main__":
     parser.add_argument("--pollers", type=int, default=POLLERS)
     parser.add_argument("--seconds", type=float, default=SECONDS)
     parser.add_argument("--interval", type=float, default=INTERVAL)
+    parser.add_argument(
+        "--clients", type=int, default=0, help=f"client processes (default: one per {CLIENT_POLLERS} pollers)"
+    )
     args = parser.parse_args()
-    print_result(asyncio.run(run(1.0, args.pollers, args.seconds, args.interval)))
+    print_result(asyncio.run(run(1.0, args.pollers, args.seconds, args.interval, clients=args.clients)))
