@@ -22,7 +22,8 @@ from .ratelimit import RateLimiter
 from .reporting import TaskEndReporter
 from .runninghub import ClientOptions, Regions, RunningHubClient
 from .servicer import EffectsServicer
-from .tasks import TASK_CACHE_OPTIONS, Tasks, TaskTimings
+from .taskcache import TASK_CACHE_OPTIONS
+from .tasks import Tasks, TaskTimings
 from .taskstore import TaskStore
 from .uploads import Uploads
 from .webhooks import WebhookReceiver, WebhookTokens

@@ -64,7 +64,7 @@ class EffectsServicer(effects_pb2_grpc.EffectsServiceServicer):
     async def GetTask(
         self, request: effects_pb2.GetTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> effects_pb2.GetTaskResponse:
-        return effects_pb2.GetTaskResponse(task=await self._tasks.get(request.task_id, _caller()))
+        return await self._tasks.get(request.task_id, _caller())
 
     async def CancelTask(
         self, request: effects_pb2.CancelTaskRequest, context: grpc.aio.ServicerContext[Any, Any]

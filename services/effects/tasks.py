@@ -1,21 +1,23 @@
 """Tasks: start (idempotent by requestId, rate-limited), poll, cancel, and the
 work behind webhooks and the sweeper.
 
-Polls go through the multi-level cache, whose lifetime depends on the state
-(short while queued or running, long once ended). A miss reads the row; only
-the replica that wins a Redis lease on the task (one per refresh interval) asks
-RunningHub, so concurrent polls cause at most one upstream call per task and
-interval across all replicas. Ended tasks are never asked about again: their
+Polls are answered from the multi-level cache (taskcache.py). An open task's
+state is refreshed once per interval (short while queued or running); the poll
+that finds it due is answered at once and the refresh runs in the background.
+A refresh (or a cold miss) reads the row; only the replica that wins a Redis
+lease on the task (one per refresh interval) asks RunningHub, so concurrent
+polls cause at most one upstream call per task and interval across all
+replicas. Ended tasks are cached long and never asked about again: their
 outputs are stored once.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
 import logging
+import math
 import re
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,10 +36,11 @@ from services.servicekit.redis_client import RedisClient
 
 from . import envelope
 from .catalog import Catalog
-from .envelope import FAILED, QUEUED, RUNNING, Failure
+from .envelope import FAILED, QUEUED, Failure
 from .parameters import build_node_info
 from .ratelimit import RateLimiter
 from .runninghub import BusinessError, Regions, UpstreamError
+from .taskcache import HOLD_INTERVALS, CachedTask, cached, refresh_interval
 from .taskstore import TaskRow, TaskStore, parse_task_id
 from .webhooks import WebhookTokens
 
@@ -63,31 +66,6 @@ class TaskTimings:
     reconcile_timeout: float = 1800.0
     recheck_after: float = 60.0
     settle_timeout: float = 50.0
-
-
-@dataclass(frozen=True)
-class CachedTask:
-    owner: str
-    status: str
-    body: bytes  # the Task message
-
-
-def _dump(value: CachedTask) -> bytes:
-    return json.dumps(
-        {"o": value.owner, "s": value.status, "t": base64.b64encode(value.body).decode()}
-    ).encode()
-
-
-def _load(raw: bytes) -> CachedTask:
-    data = json.loads(raw)
-    return CachedTask(data["o"], data["s"], base64.b64decode(data["t"]))
-
-
-TASK_CACHE_OPTIONS: dict[str, Any] = {"serializer": _dump, "deserializer": _load}
-
-
-def _cached(row: TaskRow) -> CachedTask:
-    return CachedTask(row.owner, row.status, row.to_proto().SerializeToString())
 
 
 def _refused(code: int, message: str) -> ServiceError:
@@ -126,17 +104,25 @@ class Tasks:
         self.timings = timings
         self.end_listeners: list[EndListener] = []
         self._background: set[asyncio.Task[Any]] = set()
+        # task id -> monotonic time before which this replica does not try to refresh it again
+        self._refresh_tried: dict[str, float] = {}
 
     # -- cache ---------------------------------------------------------------
+    def _interval(self, status: str) -> float:
+        return refresh_interval(status, self.timings.queued_ttl, self.timings.running_ttl)
+
     def _ttl(self, value: CachedTask) -> float:
-        if value.status in envelope.FINAL_STATES:
+        if value.final:
             return self.timings.final_ttl
-        return self.timings.running_ttl if value.status == RUNNING else self.timings.queued_ttl
+        return HOLD_INTERVALS * self._interval(value.status)
+
+    def _cached(self, row: TaskRow) -> CachedTask:
+        return cached(row, self._interval(row.status))
 
     async def _publish(self, row: TaskRow | None, ended: bool = False) -> None:
         if row is None:
             return
-        value = _cached(row)
+        value = self._cached(row)
         await self._cache.set(row.task_id, value, self._ttl(value))
         if ended:
             TASK_ENDS.labels(row.status).inc()
@@ -252,14 +238,17 @@ class Tasks:
         )
 
     # -- GetTask ----------------------------------------------------------------
-    async def get(self, task_id: str, who: Principal) -> effects_pb2.Task:
+    async def get(self, task_id: str, who: Principal) -> effects_pb2.GetTaskResponse:
         tid = parse_task_id(task_id)
         if tid is None:
             raise not_found("no such task")
-        value = await self._cache.get_or_load(str(tid), lambda: self._load(tid), self._ttl)
+        key = str(tid)
+        value = await self._cache.get_or_load(key, lambda: self._load(tid), self._ttl)
         if value.owner != who.subject and not who.is_admin:
             raise not_found("no such task")
-        return effects_pb2.Task.FromString(value.body)
+        if value.due(time.time()):
+            self._refresh_ahead(tid, key, value.status)
+        return value.reply
 
     async def _load(self, tid: uuid.UUID) -> CachedTask:
         row = await self._store.get(tid)
@@ -267,11 +256,37 @@ class Tasks:
             raise not_found("no such task")
         if not row.final and row.rh_task_id and await self._lease(row):
             row = await self._refresh(row)
-        return _cached(row)
+        return self._cached(row)
+
+    def _refresh_ahead(self, tid: uuid.UUID, key: str, status: str) -> None:
+        """The state is due: refresh it in the background, at most once per interval
+        from this replica (the lease makes it once across replicas)."""
+        now = time.monotonic()
+        if self._refresh_tried.get(key, 0.0) > now:
+            return
+        if len(self._refresh_tried) >= 10_000:
+            self._refresh_tried = {k: t for k, t in self._refresh_tried.items() if t > now}
+        self._refresh_tried[key] = math.inf  # until this refresh is over, however slow RunningHub is
+        self._spawn(self._refresh_in_background(tid, key, self._interval(status)))
+
+    async def _refresh_in_background(self, tid: uuid.UUID, key: str, interval: float) -> None:
+        try:
+            row = await self._store.get(tid)
+            if row is None:
+                return
+            if not row.final and row.rh_task_id:
+                if not await self._lease(row):
+                    return  # another replica is asking RunningHub; it publishes what it learns
+                row = await self._refresh(row)
+            await self._publish(row)
+        except Exception:
+            log.exception("background task refresh failed", extra={"task_id": str(tid)})
+        finally:
+            self._refresh_tried[key] = time.monotonic() + interval
 
     async def _lease(self, row: TaskRow) -> bool:
         """One RunningHub call per task and refresh interval across replicas."""
-        ttl = self.timings.running_ttl if row.status == RUNNING else self.timings.queued_ttl
+        ttl = self._interval(row.status)
         try:
             return bool(
                 await self._redis.set(
@@ -314,15 +329,21 @@ class Tasks:
                 grpc.StatusCode.FAILED_PRECONDITION, f"the task has already ended ({row.status})"
             )
         if row.rh_task_id is not None:
+            # Recorded first: a refresh or callback racing this cancel then records the
+            # interruption RunningHub reports as CANCELLED rather than FAILED.
+            await self._store.request_cancel(tid, True)
             try:
                 known = await self._regions[row.region].cancel(row.rh_task_id)
             except UpstreamError as exc:
+                await self._store.request_cancel(tid, False)
                 raise unavailable(str(exc)) from None
             except BusinessError as exc:
+                await self._store.request_cancel(tid, False)
                 raise ServiceError(
                     grpc.StatusCode.FAILED_PRECONDITION, f"RunningHub refused: {exc.message}"
                 ) from None
             if not known:  # RunningHub no longer knows it: it may have ended meanwhile
+                await self._store.request_cancel(tid, False)
                 refreshed = await self._refresh(row)
                 if refreshed.final:
                     return refreshed.to_proto()
@@ -415,4 +436,4 @@ class Tasks:
         await asyncio.gather(*self._background, return_exceptions=True)
 
 
-__all__ = ["QUEUED", "CachedTask", "TaskTimings", "Tasks"]
+__all__ = ["QUEUED", "TaskTimings", "Tasks"]

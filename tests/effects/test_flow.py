@@ -4,9 +4,11 @@ who may see and cancel a task; a webhook makes further polls free."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import pytest
 
+from services.effects.envelope import FAILED, Failure, TaskState
 from tests.effects.conftest import EnvFactory, png_bytes
 from tools.runninghub_sim import SimConfig
 
@@ -77,6 +79,33 @@ async def test_after_the_webhook_polls_need_no_upstream_call(effects_env: EnvFac
         status, body = await env.request("GET", f"/api/effects/tasks/{task['taskId']}")
         assert status == 200 and body["status"] == "SUCCEEDED" and body["outputs"]
     assert env.calls("outputs") == before
+
+
+async def test_the_interruption_runninghub_reports_after_a_cancel_is_recorded_as_cancelled(
+    effects_env: EnvFactory,
+) -> None:
+    """RunningHub reports a cancelled task as FAILED (interrupted). A poll's refresh or
+    a callback may learn that before CancelTask records its end: once the user asked to
+    cancel, that failure is the cancel."""
+    env = await effects_env(SimConfig.fast(run_seconds=30))
+    store = env.state.tasks._store
+    interrupted = TaskState(FAILED, failure=Failure("", "InterruptProcessingException", "Task cancelled"))
+    outcomes = {}
+    for cancel_asked in (True, False):
+        status, task = await env.start()
+        assert status == 200, task
+        tid = uuid.UUID(task["taskId"])
+        await store.request_cancel(tid, True)
+        if not cancel_asked:  # asked, then withdrawn (RunningHub refused the cancel)
+            await store.request_cancel(tid, False)
+        row, ended = await store.apply(tid, interrupted)
+        assert ended and row is not None
+        outcomes[cancel_asked] = (row.status, row.failure)
+    assert outcomes[True] == ("CANCELLED", None)
+    assert outcomes[False] == (
+        "FAILED",
+        {"nodeName": "", "exceptionType": "InterruptProcessingException", "message": "Task cancelled"},
+    )
 
 
 async def test_a_user_cannot_see_or_cancel_another_users_task(effects_env: EnvFactory) -> None:

@@ -205,6 +205,7 @@ def row(task_id: str, owner: str, coins: str | None, seconds: float | None) -> T
         cost_coins=coins,
         created_at=now,
         updated_at=now,
+        checked_at=now,
     )
 
 
