@@ -196,3 +196,58 @@ async def test_cancel_of_an_ended_task_is_refused(effects_env: EnvFactory) -> No
     status, body = await env.request("POST", f"/api/effects/tasks/{task['taskId']}:cancel", json={})
     assert status == 400 and "already ended" in body["message"], body
     assert env.calls("cancel") == 0
+
+
+@pytest.mark.parametrize(
+    ("replies", "http", "calls"),
+    [
+        (["http:503", "ok"], 200, 2),  # a failed upload is retried
+        ([808, "ok"], 200, 2),  # 808 upload failed: retried
+        (["reset", "ok"], 200, 2),
+        ([809], 400, 1),  # too large for RunningHub: the user's to fix
+        ([802], 503, 1),  # key invalid: ours, not the user's
+    ],
+)
+async def test_upload_codes_are_handled_as_the_reference_says(
+    effects_env: EnvFactory, replies: list[object], http: int, calls: int
+) -> None:
+    env = await effects_env()
+    env.sim().faults.script("upload", replies)
+    status, body = await env.request(
+        "POST", "/api/effects/uploads", data=png_bytes(), headers={"Content-Type": "image/png"}
+    )
+    assert status == http, body
+    assert env.calls("upload") == calls
+    if http == 200:
+        assert body["fileName"].startswith("api/") and body["fileName"].endswith(".png")
+    else:
+        assert env.keys["global"] not in body["message"]
+
+
+async def test_outputs_states_and_transient_errors_while_polling(effects_env: EnvFactory) -> None:
+    """813 queued and 804 running are states, code 0 with null data is still running, and
+    500 / 5xx / a reset are retried or served from the last known state: a poll never
+    answers an error for them, and the task still ends with its outputs."""
+    env = await effects_env(
+        SimConfig.fast(queue_seconds=0.3, run_seconds=1.5, outputs_lag_seconds=0.5, running_null_rate=0.5)
+    )
+    status, task = await env.start()
+    assert status == 200, task
+    env.sim().faults.script("outputs", [813, 804, 500, "http:502", "reset", 0, 500, 500, 500, 500])
+    seen = set()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 20
+    while True:
+        status, body = await env.request("GET", f"/api/effects/tasks/{task['taskId']}")
+        assert status == 200, body
+        seen.add(body["status"])
+        if body["status"] == "SUCCEEDED":
+            break
+        assert body["status"] in ("QUEUED", "RUNNING"), body
+        assert loop.time() < deadline, body
+        await asyncio.sleep(0.05)
+    assert body["outputs"] and body["costSeconds"] >= 1
+    assert not env.sim().faults.scripts.get("outputs"), "every scripted reply was met"
+    replies = env.sim().counters()["replies"]
+    for code in (813, 804, 500):
+        assert replies.get(f"outputs:{code}", 0) >= 1, (code, replies)
