@@ -24,8 +24,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from google.protobuf import any_pb2, duration_pb2
-from google.rpc import error_details_pb2
 from prometheus_client import Counter
 
 from cosnap.effects.v1 import effects_pb2
@@ -39,6 +37,7 @@ from .catalog import Catalog
 from .envelope import FAILED, QUEUED, Failure
 from .parameters import build_node_info
 from .ratelimit import RateLimiter
+from .refusals import rate_limited, refused
 from .runninghub import BusinessError, Regions, UpstreamError
 from .taskcache import HOLD_INTERVALS, CachedTask, cached, refresh_interval
 from .taskstore import TaskRow, TaskStore, parse_task_id
@@ -54,6 +53,7 @@ UPSTREAM_REFRESHES = Counter(
 NO_WORD = (
     "RunningHub never confirmed the task (no reply to the create and no callback in time); start it again"
 )
+FORGOTTEN = "RunningHub no longer knows the task; start it again"
 # A task ended: (row) -> None; called without awaiting anything slow (analytics reporter).
 EndListener = Callable[[TaskRow], None]
 
@@ -66,18 +66,6 @@ class TaskTimings:
     reconcile_timeout: float = 1800.0
     recheck_after: float = 60.0
     settle_timeout: float = 50.0
-
-
-def _refused(code: int, message: str) -> ServiceError:
-    if code in (301,):
-        return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"RunningHub refused the inputs: {message}")
-    if code in (814,):
-        return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"RunningHub's queue is full: {message}")
-    if code in envelope.BACK_PRESSURE or code in (416, 801, 802):
-        return unavailable(f"effects are unavailable for now: {message} (RunningHub {code})")
-    return ServiceError(
-        grpc.StatusCode.FAILED_PRECONDITION, f"the effect cannot run: {message} (RunningHub {code})"
-    )
 
 
 class Tasks:
@@ -159,7 +147,7 @@ class Tasks:
 
         wait = await self._limiter.acquire(who.subject)
         if wait is not None:
-            raise self._limited(wait)
+            raise rate_limited(self._limiter.limit, self._limiter.window_ms, wait)
 
         client = self._regions[effect.region]
         task_id = uuid.uuid4()
@@ -202,7 +190,7 @@ class Tasks:
             await self._store.delete_pending(task_id)
             if exc.code == 803:  # the app changed: read its config again next time
                 await self._catalog.forget(effect.region, effect.webapp_id)
-            raise _refused(exc.code, exc.message) from None
+            raise refused(exc.code, exc.message) from None
         except BaseException:
             # Cancelled or crashed mid-create: the create may have been sent.
             await asyncio.shield(self._store.mark_ambiguous(task_id))
@@ -226,16 +214,6 @@ class Tasks:
         if current is None:
             raise unavailable("the first request with this requestId failed; send it again")
         return current
-
-    def _limited(self, wait: float) -> ServiceError:
-        info = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=int(wait) + 1))
-        detail = any_pb2.Any()
-        detail.Pack(info)
-        return ServiceError(
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            f"at most {self._limiter.limit} tasks per {self._limiter.window_ms // 1000} s; try again in {wait:.0f} s",
-            [detail],
-        )
 
     # -- GetTask ----------------------------------------------------------------
     async def get(self, task_id: str, who: Principal) -> effects_pb2.GetTaskResponse:
@@ -296,7 +274,10 @@ class Tasks:
         except Exception:
             return True  # Redis down: this replica asks (its cache still coalesces its own polls)
 
-    async def _refresh(self, row: TaskRow) -> TaskRow:
+    async def _refresh(self, row: TaskRow, fail_forgotten: bool = True) -> TaskRow:
+        """RunningHub's word on an open task, recorded. A task RunningHub does not know
+        (807) is failed once it is older than the reconcile timeout (unless
+        `fail_forgotten` is False: a cancel ends it as cancelled instead)."""
         assert row.rh_task_id is not None
         try:
             state = await self._regions[row.region].outputs(row.rh_task_id)
@@ -308,9 +289,18 @@ class Tasks:
             )
             return row
         UPSTREAM_REFRESHES.labels("ok").inc()
-        if state.status is None:
-            log.warning("RunningHub does not know the task", extra={"task_id": row.task_id})
-            return row
+        if state.status is None:  # 807 / 423: RunningHub does not know the task
+            if (
+                not fail_forgotten
+                or time.time() - row.created_at.timestamp() < self.timings.reconcile_timeout
+            ):
+                log.warning("RunningHub does not know the task", extra={"task_id": row.task_id})
+                return row
+            log.warning("RunningHub no longer knows the task: failed", extra={"task_id": row.task_id})
+            forgotten = Failure(exception_type="unknown_task", message=FORGOTTEN)
+            ended_row, ended = await self._store.end(uuid.UUID(row.task_id), FAILED, forgotten)
+            await self._publish(ended_row, ended)
+            return ended_row or row
         updated, ended = await self._store.apply(uuid.UUID(row.task_id), state)
         if ended:
             await self._publish(updated, ended=True)
@@ -344,7 +334,7 @@ class Tasks:
                 ) from None
             if not known:  # RunningHub no longer knows it: it may have ended meanwhile
                 await self._store.request_cancel(tid, False)
-                refreshed = await self._refresh(row)
+                refreshed = await self._refresh(row, fail_forgotten=False)
                 if refreshed.final:
                     return refreshed.to_proto()
         ended_row, ended = await self._store.end(tid, envelope.CANCELLED, None)

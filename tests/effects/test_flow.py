@@ -251,3 +251,23 @@ async def test_outputs_states_and_transient_errors_while_polling(effects_env: En
     replies = env.sim().counters()["replies"]
     for code in (813, 804, 500):
         assert replies.get(f"outputs:{code}", 0) >= 1, (code, replies)
+
+
+async def test_a_task_runninghub_no_longer_knows_fails_after_the_reconcile_timeout(
+    effects_env: EnvFactory,
+) -> None:
+    """807 on outputs: not retried; the last known state is served while the task is
+    young (RunningHub may not list it yet), then it fails with a clear reason rather
+    than staying open forever."""
+    env = await effects_env(SimConfig.fast(run_seconds=600), effects_reconcile_timeout_seconds=1.0)
+    status, task = await env.start()
+    assert status == 200, task
+    env.sim().faults.script("outputs", [807] * 1000)
+    status, body = await env.request("GET", f"/api/effects/tasks/{task['taskId']}")
+    assert status == 200 and body["status"] in ("QUEUED", "RUNNING"), body
+    done = await env.poll(task["taskId"])
+    assert done["status"] == "FAILED"
+    assert done["failure"]["exceptionType"] == "unknown_task"
+    assert "no longer knows" in done["failure"]["message"]
+    assert env.sim().counters()["replies"].get("outputs:807", 0) >= 1
+    assert env.creates() == 1  # and nothing was started again
