@@ -77,6 +77,11 @@ async def _wait_http(url: str, timeout: float = 30.0) -> None:
             await asyncio.sleep(0.1)
 
 
+async def _wait_grpc(address: str, timeout: float = 60.0) -> None:
+    async with grpc.aio.insecure_channel(address) as channel:
+        await asyncio.wait_for(channel.channel_ready(), timeout)
+
+
 async def _outputs_calls(sim_url: str) -> int:
     async with aiohttp.ClientSession() as http, http.get(sim_url + "/__sim/counters") as reply:
         return int((await reply.json())["calls"].get("outputs", 0))
@@ -170,6 +175,11 @@ async def _pollers(
     return latencies, errors, cpu
 
 
+def _warm(seconds: float) -> None:
+    """Occupies one client process for a moment (so each of them is started)."""
+    time.sleep(seconds)
+
+
 def _client_process(
     address: str,
     tasks: list[tuple[str, str]],
@@ -200,9 +210,11 @@ async def poll(
     queue the replies it measures; `pid` is the server process whose CPU is counted."""
     share = [pollers // clients + (1 if c < pollers % clients else 0) for c in range(clients)]
     firsts = [sum(share[:c]) for c in range(clients)]
-    start = time.time() + 3.0  # the client processes start and connect meanwhile
     loop = asyncio.get_running_loop()
     with ProcessPoolExecutor(clients, mp_context=multiprocessing.get_context("spawn")) as pool:
+        # The client processes start (and import gRPC) before the window, not in it.
+        await asyncio.gather(*(loop.run_in_executor(pool, _warm, 0.5) for _ in range(clients)))
+        start = time.time() + 1.0  # each connects meanwhile
         runs = [
             loop.run_in_executor(
                 pool, _client_process, address, tasks, firsts[c], share[c], pollers, seconds, interval, start
@@ -297,6 +309,7 @@ async def run(
             log_dir / "bench-effects-naive.log",
         )
         assert naive is not None
+        await _wait_grpc(f"127.0.0.1:{naive_port}")  # started before the service's window, not in it
         clients = clients or max(1, -(-pollers // CLIENT_POLLERS))
         result["clients"] = clients
         result["service"] = await poll(

@@ -53,6 +53,7 @@ UPSTREAM_REFRESHES = Counter(
 NO_WORD = (
     "RunningHub never confirmed the task (no reply to the create and no callback in time); start it again"
 )
+REFRESH_CONCURRENCY = 4
 FORGOTTEN = "RunningHub no longer knows the task; start it again"
 # A task ended: (row) -> None; called without awaiting anything slow (analytics reporter).
 EndListener = Callable[[TaskRow], None]
@@ -94,6 +95,10 @@ class Tasks:
         self._background: set[asyncio.Task[Any]] = set()
         # task id -> monotonic time before which this replica does not try to refresh it again
         self._refresh_tried: dict[str, float] = {}
+        # Background refreshes at once: many tasks due together (started together, or a
+        # cold replica) are refreshed a few at a time rather than crowding out the polls
+        # on the event loop (and the database pool).
+        self._refresh_slots = asyncio.Semaphore(REFRESH_CONCURRENCY)
 
     # -- cache ---------------------------------------------------------------
     def _interval(self, status: str) -> float:
@@ -249,18 +254,22 @@ class Tasks:
 
     async def _refresh_in_background(self, tid: uuid.UUID, key: str, interval: float) -> None:
         try:
-            row = await self._store.get(tid)
-            if row is None:
-                return
-            if not row.final and row.rh_task_id:
-                if not await self._lease(row):
-                    return  # another replica is asking RunningHub; it publishes what it learns
-                row = await self._refresh(row)
-            await self._publish(row)
+            async with self._refresh_slots:
+                await self._refresh_due(tid)
         except Exception:
             log.exception("background task refresh failed", extra={"task_id": str(tid)})
         finally:
             self._refresh_tried[key] = time.monotonic() + interval
+
+    async def _refresh_due(self, tid: uuid.UUID) -> None:
+        row = await self._store.get(tid)
+        if row is None:
+            return
+        if not row.final and row.rh_task_id:
+            if not await self._lease(row):
+                return  # another replica is asking RunningHub; it publishes what it learns
+            row = await self._refresh(row)
+        await self._publish(row)
 
     async def _lease(self, row: TaskRow) -> bool:
         """One RunningHub call per task and refresh interval across replicas."""
