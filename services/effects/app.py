@@ -94,6 +94,9 @@ class EffectsSettings(ServiceSettings):
         60.0, gt=0, description="Open tasks nobody polled are re-read."
     )
     effects_sweep_interval_seconds: float = Field(15.0, gt=0)
+    effects_refresh_concurrency: int = Field(
+        16, ge=1, le=1000, description="Background refreshes of due task states at once, per replica."
+    )
     effects_webapp_fresh_seconds: float = Field(6 * 3600.0, gt=0, description="Refreshed ahead at 80 %.")
     effects_webapp_stale_seconds: float = Field(
         7 * 86_400.0, gt=0, description="Cached copy served this long."
@@ -193,6 +196,7 @@ async def wire(app: ServiceApp) -> None:
             final_ttl=settings.effects_final_ttl_seconds,
             reconcile_timeout=settings.effects_reconcile_timeout_seconds,
             recheck_after=settings.effects_recheck_after_seconds,
+            refresh_concurrency=settings.effects_refresh_concurrency,
         ),
     )
     webhooks = WebhookReceiver(tokens, tuple(regions.clients), tasks.confirm)

@@ -53,7 +53,6 @@ UPSTREAM_REFRESHES = Counter(
 NO_WORD = (
     "RunningHub never confirmed the task (no reply to the create and no callback in time); start it again"
 )
-REFRESH_CONCURRENCY = 4
 FORGOTTEN = "RunningHub no longer knows the task; start it again"
 # A task ended: (row) -> None; called without awaiting anything slow (analytics reporter).
 EndListener = Callable[[TaskRow], None]
@@ -67,6 +66,7 @@ class TaskTimings:
     reconcile_timeout: float = 1800.0
     recheck_after: float = 60.0
     settle_timeout: float = 50.0
+    refresh_concurrency: int = 16  # background refreshes at once, per replica
 
 
 class Tasks:
@@ -95,10 +95,10 @@ class Tasks:
         self._background: set[asyncio.Task[Any]] = set()
         # task id -> monotonic time before which this replica does not try to refresh it again
         self._refresh_tried: dict[str, float] = {}
-        # Background refreshes at once: many tasks due together (started together, or a
-        # cold replica) are refreshed a few at a time rather than crowding out the polls
-        # on the event loop (and the database pool).
-        self._refresh_slots = asyncio.Semaphore(REFRESH_CONCURRENCY)
+        # Many tasks due together (started together, or a cold replica) are refreshed
+        # so many at a time rather than crowding the polls off the event loop. Enough
+        # for RunningHub's concurrency (at most 50 running tasks per key) at its latency.
+        self._refresh_slots = asyncio.Semaphore(timings.refresh_concurrency)
 
     # -- cache ---------------------------------------------------------------
     def _interval(self, status: str) -> float:
