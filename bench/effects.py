@@ -17,18 +17,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
+import multiprocessing
 import os
 import random
 import subprocess
 import sys
 import time
 import uuid
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import asyncpg
 import grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from cosnap.effects.v1 import effects_pb2, effects_pb2_grpc
 from services.servicekit.auth import issue_token
@@ -39,6 +43,7 @@ POLLERS = 1000
 SECONDS = 30.0
 INTERVAL = 2.0  # frontends poll every 2 to 5 s (RunningHub's own node: 2 s queued, 5 s running)
 USERS = 5
+CLIENT_POLLERS = 250  # pollers per client process by default
 KEY = "bench-global-key-000000000000"
 
 
@@ -72,6 +77,11 @@ async def _wait_http(url: str, timeout: float = 30.0) -> None:
             await asyncio.sleep(0.1)
 
 
+async def _wait_grpc(address: str, timeout: float = 60.0) -> None:
+    async with grpc.aio.insecure_channel(address) as channel:
+        await asyncio.wait_for(channel.channel_ready(), timeout)
+
+
 async def _outputs_calls(sim_url: str) -> int:
     async with aiohttp.ClientSession() as http, http.get(sim_url + "/__sim/counters") as reply:
         return int((await reply.json())["calls"].get("outputs", 0))
@@ -82,17 +92,60 @@ def _percentile(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
 
 
-async def poll(
-    address: str, tasks: list[tuple[str, str]], pollers: int, seconds: float, interval: float, sim_url: str
-) -> dict[str, float]:
-    """`pollers` loops of GetTask, each on one task, every `interval` s, for `seconds`."""
-    channels = [grpc.aio.insecure_channel(address) for _ in range(4)]
+async def _handling_buckets(metrics_url: str) -> dict[float, float]:
+    """GetTask's server-side handling-time histogram (the kit's interceptor): {le: count}."""
+    async with aiohttp.ClientSession() as http, http.get(metrics_url) as reply:
+        text = await reply.text()
+    out: dict[float, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "grpc_server_handling_seconds":
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_bucket") and sample.labels.get("grpc_method") == "GetTask":
+                out[float(sample.labels["le"])] = sample.value
+    return out
+
+
+def _bucket_quantile(before: dict[float, float], after: dict[float, float], q: float) -> float:
+    """The upper bound (ms) of the histogram bucket holding the q-quantile of the window."""
+    counts = sorted((le, after[le] - before.get(le, 0.0)) for le in after)
+    if not counts or counts[-1][1] <= 0:
+        return 0.0
+    total = counts[-1][1]
+    for le, cumulative in counts:
+        if cumulative >= q * total:
+            return le * 1000
+    return math.inf
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc; 10 ms resolution)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _pollers(
+    address: str,
+    tasks: list[tuple[str, str]],
+    first: int,
+    count: int,
+    total: int,
+    seconds: float,
+    interval: float,
+    start: float,
+) -> tuple[list[float], int, float]:
+    """Pollers first..first+count-1 of `total`, from `start` (wall clock) for `seconds`;
+    (latencies ms, errors, this process's CPU seconds while polling)."""
+    channels = [grpc.aio.insecure_channel(address) for _ in range(2)]
+    for channel in channels:
+        await channel.channel_ready()
     stubs = [effects_pb2_grpc.EffectsServiceStub(c) for c in channels]
     latencies: list[float] = []
     errors = 0
     loop = asyncio.get_running_loop()
-    start = loop.time() + 0.5
-    end = start + seconds
+    begin = loop.time() + max(0.0, start - time.time())
+    end = begin + seconds
+    rand = random.Random(first)
 
     async def poller(i: int) -> None:
         nonlocal errors
@@ -100,7 +153,7 @@ async def poll(
         stub = stubs[i % len(stubs)]
         metadata = (("authorization", f"Bearer {token}"),)
         request = effects_pb2.GetTaskRequest(task_id=task_id)
-        next_at = start + random.uniform(0, interval)
+        next_at = begin + rand.uniform(0, interval)
         while True:
             await asyncio.sleep(max(0.0, next_at - loop.time()))
             if loop.time() >= end:
@@ -113,12 +166,71 @@ async def poll(
                 errors += 1
             next_at += interval
 
-    await asyncio.sleep(max(0.0, start - loop.time()))
-    before = await _outputs_calls(sim_url)
-    await asyncio.gather(*(poller(i) for i in range(pollers)))
-    upstream = await _outputs_calls(sim_url) - before
+    await asyncio.sleep(max(0.0, begin - loop.time()))
+    cpu = time.process_time()
+    await asyncio.gather(*(poller(i) for i in range(first, first + count)))
+    cpu = time.process_time() - cpu
     for channel in channels:
         await channel.close()
+    return latencies, errors, cpu
+
+
+def _warm(seconds: float) -> None:
+    """Occupies one client process for a moment (so each of them is started)."""
+    time.sleep(seconds)
+
+
+def _client_process(
+    address: str,
+    tasks: list[tuple[str, str]],
+    first: int,
+    count: int,
+    total: int,
+    seconds: float,
+    interval: float,
+    start: float,
+) -> tuple[list[float], int, float]:
+    """One client process (its own event loop and gRPC channels)."""
+    return asyncio.run(_pollers(address, tasks, first, count, total, seconds, interval, start))
+
+
+async def poll(
+    address: str,
+    tasks: list[tuple[str, str]],
+    pollers: int,
+    seconds: float,
+    interval: float,
+    sim_url: str,
+    pid: int,
+    clients: int,
+    metrics_url: str | None = None,
+) -> dict[str, float]:
+    """`pollers` loops of GetTask, each on one task, every `interval` s, for `seconds`,
+    spread over `clients` processes so that the client's own event loop does not
+    queue the replies it measures; `pid` is the server process whose CPU is counted."""
+    share = [pollers // clients + (1 if c < pollers % clients else 0) for c in range(clients)]
+    firsts = [sum(share[:c]) for c in range(clients)]
+    loop = asyncio.get_running_loop()
+    with ProcessPoolExecutor(clients, mp_context=multiprocessing.get_context("spawn")) as pool:
+        # The client processes start (and import gRPC) before the window, not in it.
+        await asyncio.gather(*(loop.run_in_executor(pool, _warm, 0.5) for _ in range(clients)))
+        start = time.time() + 1.0  # each connects meanwhile
+        runs = [
+            loop.run_in_executor(
+                pool, _client_process, address, tasks, firsts[c], share[c], pollers, seconds, interval, start
+            )
+            for c in range(clients)
+        ]
+        await asyncio.sleep(max(0.0, start - time.time()))
+        before, cpu_before = await _outputs_calls(sim_url), _cpu_seconds(pid)
+        buckets_before = await _handling_buckets(metrics_url) if metrics_url else {}
+        results = await asyncio.gather(*runs)
+        cpu = _cpu_seconds(pid) - cpu_before
+        upstream = await _outputs_calls(sim_url) - before
+        buckets_after = await _handling_buckets(metrics_url) if metrics_url else {}
+    latencies = [ms for run, _, _ in results for ms in run]
+    errors = sum(e for _, e, _ in results)
+    client_cpu = sum(c for _, _, c in results)
     return {
         "polls": len(latencies),
         "errors": errors,
@@ -127,6 +239,12 @@ async def poll(
         "upstream_per_task_second": upstream / len(tasks) / seconds,
         "p50_ms": _percentile(latencies, 0.50),
         "p99_ms": _percentile(latencies, 0.99),
+        "cpu_ms_per_poll": cpu * 1000 / len(latencies) if latencies else 0.0,
+        # All client processes together: a share of the same cores as the server.
+        "client_cpu_ms_per_poll": client_cpu * 1000 / len(latencies) if latencies else 0.0,
+        # Inside the server (the interceptor's histogram; bucket upper bounds), when it has one.
+        "server_p50_ms": _bucket_quantile(buckets_before, buckets_after, 0.50),
+        "server_p99_ms": _bucket_quantile(buckets_before, buckets_after, 0.99),
     }
 
 
@@ -156,6 +274,7 @@ async def run(
     seconds: float = SECONDS,
     interval: float = INTERVAL,
     log_dir: Path | None = None,
+    clients: int = 0,
 ) -> dict[str, Any]:
     log_dir = log_dir or Path(os.environ.get("TMPDIR", "/tmp"))
     pollers = max(10, int(pollers * scale))
@@ -189,8 +308,24 @@ async def run(
             ["-m", "bench.effects_naive", str(naive_port), DATABASE_URL, schema, sim_url, KEY],
             log_dir / "bench-effects-naive.log",
         )
-        result["service"] = await poll(f"127.0.0.1:{port}", tasks, pollers, seconds, interval, sim_url)
-        result["naive"] = await poll(f"127.0.0.1:{naive_port}", tasks, pollers, seconds, interval, sim_url)
+        assert naive is not None
+        await _wait_grpc(f"127.0.0.1:{naive_port}")  # started before the service's window, not in it
+        clients = clients or max(1, -(-pollers // CLIENT_POLLERS))
+        result["clients"] = clients
+        result["service"] = await poll(
+            f"127.0.0.1:{port}",
+            tasks,
+            pollers,
+            seconds,
+            interval,
+            sim_url,
+            service.pid,
+            clients,
+            f"http://127.0.0.1:{metrics_port}/metrics",
+        )
+        result["naive"] = await poll(
+            f"127.0.0.1:{naive_port}", tasks, pollers, seconds, interval, sim_url, naive.pid, clients
+        )
         naive_calls = result["naive"]["upstream_per_task_second"]
         result["upstream_reduction"] = (
             1 - result["service"]["upstream_per_task_second"] / naive_calls if naive_calls else 0.0
@@ -210,15 +345,25 @@ async def run(
 def print_result(result: dict[str, Any]) -> None:
     print(
         f"\neffects: {result['pollers']} pollers over {result['tasks']} running tasks, one GetTask per "
-        f"poller every {result['interval']:g} s, {result['seconds']:g} s each"
+        f"poller every {result['interval']:g} s, {result['seconds']:g} s each, from {result['clients']} client"
+        " process(es)"
     )
-    print(f"{'':>22} {'polls/s':>9} {'errors':>7} {'upstream/task/s':>16} {'p50 ms':>8} {'p99 ms':>8}")
+    print(
+        f"{'':>22} {'polls/s':>9} {'errors':>7} {'upstream/task/s':>16} {'p50 ms':>8} {'p99 ms':>8}"
+        f" {'server CPU ms/poll':>19}"
+    )
     for name in ("naive", "service"):
         r = result[name]
         print(
             f"{name:>22} {r['polls_per_second']:>9.0f} {r['errors']:>7} {r['upstream_per_task_second']:>16.3f}"
-            f" {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f}"
+            f" {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {r['cpu_ms_per_poll']:>19.3f}"
         )
+    r = result["service"]
+    print(
+        f"service, inside the server (handling-time histogram, bucket bounds): p50 <= {r['server_p50_ms']:g} ms,"
+        f" p99 <= {r['server_p99_ms']:g} ms; the clients' CPU {r['client_cpu_ms_per_poll']:.3f} ms per poll"
+        f" ({r['client_cpu_ms_per_poll'] * r['polls_per_second'] / 1000:.2f} cores)"
+    )
     print(
         f"upstream calls: {result['upstream_reduction'] * 100:.1f} % fewer than naive (goal >= 95 %); "
         f"service p99 {result['service']['p99_ms']:.1f} ms (goal < 20 ms)"
@@ -232,5 +377,8 @@ if __name__ == "__main__":
     parser.add_argument("--pollers", type=int, default=POLLERS)
     parser.add_argument("--seconds", type=float, default=SECONDS)
     parser.add_argument("--interval", type=float, default=INTERVAL)
+    parser.add_argument(
+        "--clients", type=int, default=0, help=f"client processes (default: one per {CLIENT_POLLERS} pollers)"
+    )
     args = parser.parse_args()
-    print_result(asyncio.run(run(1.0, args.pollers, args.seconds, args.interval)))
+    print_result(asyncio.run(run(1.0, args.pollers, args.seconds, args.interval, clients=args.clients)))

@@ -22,7 +22,8 @@ from .ratelimit import RateLimiter
 from .reporting import TaskEndReporter
 from .runninghub import ClientOptions, Regions, RunningHubClient
 from .servicer import EffectsServicer
-from .tasks import TASK_CACHE_OPTIONS, Tasks, TaskTimings
+from .taskcache import TASK_CACHE_OPTIONS
+from .tasks import Tasks, TaskTimings
 from .taskstore import TaskStore
 from .uploads import Uploads
 from .webhooks import WebhookReceiver, WebhookTokens
@@ -93,6 +94,9 @@ class EffectsSettings(ServiceSettings):
         60.0, gt=0, description="Open tasks nobody polled are re-read."
     )
     effects_sweep_interval_seconds: float = Field(15.0, gt=0)
+    effects_refresh_concurrency: int = Field(
+        16, ge=1, le=1000, description="Background refreshes of due task states at once, per replica."
+    )
     effects_webapp_fresh_seconds: float = Field(6 * 3600.0, gt=0, description="Refreshed ahead at 80 %.")
     effects_webapp_stale_seconds: float = Field(
         7 * 86_400.0, gt=0, description="Cached copy served this long."
@@ -101,6 +105,10 @@ class EffectsSettings(ServiceSettings):
     analytics_addr: str = Field("", description="host:port of analytics; empty: task ends are not reported.")
     effects_report_buffer: int = Field(
         10_000, ge=1, le=1_000_000, description="Task ends held for analytics."
+    )
+    effects_report_timeout_seconds: float = Field(5.0, gt=0, le=60, description="Per RecordTaskEnds call.")
+    effects_report_max_backoff_seconds: float = Field(
+        30.0, gt=0, le=600, description="Longest wait between tries while analytics is away."
     )
 
 
@@ -188,6 +196,7 @@ async def wire(app: ServiceApp) -> None:
             final_ttl=settings.effects_final_ttl_seconds,
             reconcile_timeout=settings.effects_reconcile_timeout_seconds,
             recheck_after=settings.effects_recheck_after_seconds,
+            refresh_concurrency=settings.effects_refresh_concurrency,
         ),
     )
     webhooks = WebhookReceiver(tokens, tuple(regions.clients), tasks.confirm)
@@ -197,6 +206,8 @@ async def wire(app: ServiceApp) -> None:
         reporter = TaskEndReporter(
             analytics_pb2_grpc.AnalyticsServiceStub(app.service_channel(settings.analytics_addr)),
             max_buffer=settings.effects_report_buffer,
+            timeout=settings.effects_report_timeout_seconds,
+            max_backoff=settings.effects_report_max_backoff_seconds,
         )
         tasks.end_listeners.append(reporter.offer)
         app.run_in_background(reporter.run_forever(), "effects-task-end-reporter")

@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import redis.asyncio as aioredis
 
 from cosnap.effects.v1 import effects_pb2
 from services.servicekit.cache import MultiLevelCache
 from services.servicekit.errors import FieldViolations, not_found, unavailable
+from services.servicekit.redis_client import RedisClient
 
 from .parameters import Parameter, from_config
 from .runninghub import BusinessError, Regions, UpstreamError
@@ -108,7 +108,7 @@ class Catalog:
     def __init__(
         self,
         pool: asyncpg.Pool,
-        redis: aioredis.Redis,
+        redis: RedisClient,
         redis_prefix: str,
         regions: Regions,
         effects_cache: MultiLevelCache[Any],

@@ -13,9 +13,10 @@ import logging
 import time
 import uuid
 
-import redis.asyncio as aioredis
 from prometheus_client import Counter
 from redis.exceptions import RedisError
+
+from services.servicekit.redis_client import RedisClient
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ return {0, tonumber(oldest[2]) + window - now}
 
 
 class RateLimiter:
-    def __init__(self, redis: aioredis.Redis, prefix: str, limit: int, window_seconds: float) -> None:
+    def __init__(self, redis: RedisClient, prefix: str, limit: int, window_seconds: float) -> None:
         self._redis = redis
         self._prefix = f"{prefix}:task-limit:"
         self.limit = limit

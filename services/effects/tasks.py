@@ -1,43 +1,45 @@
 """Tasks: start (idempotent by requestId, rate-limited), poll, cancel, and the
 work behind webhooks and the sweeper.
 
-Polls go through the multi-level cache, whose lifetime depends on the state
-(short while queued or running, long once ended). A miss reads the row; only
-the replica that wins a Redis lease on the task (one per refresh interval) asks
-RunningHub, so concurrent polls cause at most one upstream call per task and
-interval across all replicas. Ended tasks are never asked about again: their
+Polls are answered from the multi-level cache (taskcache.py). An open task's
+state is refreshed once per interval (short while queued or running); the poll
+that finds it due is answered at once and the refresh runs in the background.
+A refresh (or a cold miss) reads the row; only the replica that wins a Redis
+lease on the task (one per refresh interval) asks RunningHub, so concurrent
+polls cause at most one upstream call per task and interval across all
+replicas. Ended tasks are cached long and never asked about again: their
 outputs are stored once.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
 import logging
+import math
 import re
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
-import redis.asyncio as aioredis
-from google.protobuf import any_pb2, duration_pb2
-from google.rpc import error_details_pb2
 from prometheus_client import Counter
 
 from cosnap.effects.v1 import effects_pb2
 from services.servicekit.auth import Principal
 from services.servicekit.cache import MultiLevelCache
 from services.servicekit.errors import FieldViolations, ServiceError, not_found, unavailable
+from services.servicekit.redis_client import RedisClient
 
 from . import envelope
 from .catalog import Catalog
-from .envelope import FAILED, QUEUED, RUNNING, Failure
+from .envelope import FAILED, QUEUED, Failure
 from .parameters import build_node_info
 from .ratelimit import RateLimiter
+from .refusals import rate_limited, refused
 from .runninghub import BusinessError, Regions, UpstreamError
+from .taskcache import HOLD_INTERVALS, CachedTask, cached, refresh_interval
 from .taskstore import TaskRow, TaskStore, parse_task_id
 from .webhooks import WebhookTokens
 
@@ -51,6 +53,7 @@ UPSTREAM_REFRESHES = Counter(
 NO_WORD = (
     "RunningHub never confirmed the task (no reply to the create and no callback in time); start it again"
 )
+FORGOTTEN = "RunningHub no longer knows the task; start it again"
 # A task ended: (row) -> None; called without awaiting anything slow (analytics reporter).
 EndListener = Callable[[TaskRow], None]
 
@@ -63,43 +66,7 @@ class TaskTimings:
     reconcile_timeout: float = 1800.0
     recheck_after: float = 60.0
     settle_timeout: float = 50.0
-
-
-@dataclass(frozen=True)
-class CachedTask:
-    owner: str
-    status: str
-    body: bytes  # the Task message
-
-
-def _dump(value: CachedTask) -> bytes:
-    return json.dumps(
-        {"o": value.owner, "s": value.status, "t": base64.b64encode(value.body).decode()}
-    ).encode()
-
-
-def _load(raw: bytes) -> CachedTask:
-    data = json.loads(raw)
-    return CachedTask(data["o"], data["s"], base64.b64decode(data["t"]))
-
-
-TASK_CACHE_OPTIONS: dict[str, Any] = {"serializer": _dump, "deserializer": _load}
-
-
-def _cached(row: TaskRow) -> CachedTask:
-    return CachedTask(row.owner, row.status, row.to_proto().SerializeToString())
-
-
-def _refused(code: int, message: str) -> ServiceError:
-    if code in (301,):
-        return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"RunningHub refused the inputs: {message}")
-    if code in (814,):
-        return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"RunningHub's queue is full: {message}")
-    if code in envelope.BACK_PRESSURE or code in (416, 801, 802):
-        return unavailable(f"effects are unavailable for now: {message} (RunningHub {code})")
-    return ServiceError(
-        grpc.StatusCode.FAILED_PRECONDITION, f"the effect cannot run: {message} (RunningHub {code})"
-    )
+    refresh_concurrency: int = 16  # background refreshes at once, per replica
 
 
 class Tasks:
@@ -109,7 +76,7 @@ class Tasks:
         catalog: Catalog,
         regions: Regions,
         cache: MultiLevelCache[CachedTask],
-        redis: aioredis.Redis,
+        redis: RedisClient,
         redis_prefix: str,
         limiter: RateLimiter,
         tokens: WebhookTokens,
@@ -126,17 +93,29 @@ class Tasks:
         self.timings = timings
         self.end_listeners: list[EndListener] = []
         self._background: set[asyncio.Task[Any]] = set()
+        # task id -> monotonic time before which this replica does not try to refresh it again
+        self._refresh_tried: dict[str, float] = {}
+        # Many tasks due together (started together, or a cold replica) are refreshed
+        # so many at a time rather than crowding the polls off the event loop. Enough
+        # for RunningHub's concurrency (at most 50 running tasks per key) at its latency.
+        self._refresh_slots = asyncio.Semaphore(timings.refresh_concurrency)
 
     # -- cache ---------------------------------------------------------------
+    def _interval(self, status: str) -> float:
+        return refresh_interval(status, self.timings.queued_ttl, self.timings.running_ttl)
+
     def _ttl(self, value: CachedTask) -> float:
-        if value.status in envelope.FINAL_STATES:
+        if value.final:
             return self.timings.final_ttl
-        return self.timings.running_ttl if value.status == RUNNING else self.timings.queued_ttl
+        return HOLD_INTERVALS * self._interval(value.status)
+
+    def _cached(self, row: TaskRow) -> CachedTask:
+        return cached(row, self._interval(row.status))
 
     async def _publish(self, row: TaskRow | None, ended: bool = False) -> None:
         if row is None:
             return
-        value = _cached(row)
+        value = self._cached(row)
         await self._cache.set(row.task_id, value, self._ttl(value))
         if ended:
             TASK_ENDS.labels(row.status).inc()
@@ -173,7 +152,7 @@ class Tasks:
 
         wait = await self._limiter.acquire(who.subject)
         if wait is not None:
-            raise self._limited(wait)
+            raise rate_limited(self._limiter.limit, self._limiter.window_ms, wait)
 
         client = self._regions[effect.region]
         task_id = uuid.uuid4()
@@ -216,7 +195,7 @@ class Tasks:
             await self._store.delete_pending(task_id)
             if exc.code == 803:  # the app changed: read its config again next time
                 await self._catalog.forget(effect.region, effect.webapp_id)
-            raise _refused(exc.code, exc.message) from None
+            raise refused(exc.code, exc.message) from None
         except BaseException:
             # Cancelled or crashed mid-create: the create may have been sent.
             await asyncio.shield(self._store.mark_ambiguous(task_id))
@@ -241,25 +220,18 @@ class Tasks:
             raise unavailable("the first request with this requestId failed; send it again")
         return current
 
-    def _limited(self, wait: float) -> ServiceError:
-        info = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=int(wait) + 1))
-        detail = any_pb2.Any()
-        detail.Pack(info)
-        return ServiceError(
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            f"at most {self._limiter.limit} tasks per {self._limiter.window_ms // 1000} s; try again in {wait:.0f} s",
-            [detail],
-        )
-
     # -- GetTask ----------------------------------------------------------------
-    async def get(self, task_id: str, who: Principal) -> effects_pb2.Task:
+    async def get(self, task_id: str, who: Principal) -> effects_pb2.GetTaskResponse:
         tid = parse_task_id(task_id)
         if tid is None:
             raise not_found("no such task")
-        value = await self._cache.get_or_load(str(tid), lambda: self._load(tid), self._ttl)
+        key = str(tid)
+        value = await self._cache.get_or_load(key, lambda: self._load(tid), self._ttl)
         if value.owner != who.subject and not who.is_admin:
             raise not_found("no such task")
-        return effects_pb2.Task.FromString(value.body)
+        if value.due(time.time()):
+            self._refresh_ahead(tid, key, value.status)
+        return value.reply
 
     async def _load(self, tid: uuid.UUID) -> CachedTask:
         row = await self._store.get(tid)
@@ -267,11 +239,41 @@ class Tasks:
             raise not_found("no such task")
         if not row.final and row.rh_task_id and await self._lease(row):
             row = await self._refresh(row)
-        return _cached(row)
+        return self._cached(row)
+
+    def _refresh_ahead(self, tid: uuid.UUID, key: str, status: str) -> None:
+        """The state is due: refresh it in the background, at most once per interval
+        from this replica (the lease makes it once across replicas)."""
+        now = time.monotonic()
+        if self._refresh_tried.get(key, 0.0) > now:
+            return
+        if len(self._refresh_tried) >= 10_000:
+            self._refresh_tried = {k: t for k, t in self._refresh_tried.items() if t > now}
+        self._refresh_tried[key] = math.inf  # until this refresh is over, however slow RunningHub is
+        self._spawn(self._refresh_in_background(tid, key, self._interval(status)))
+
+    async def _refresh_in_background(self, tid: uuid.UUID, key: str, interval: float) -> None:
+        try:
+            async with self._refresh_slots:
+                await self._refresh_due(tid)
+        except Exception:
+            log.exception("background task refresh failed", extra={"task_id": str(tid)})
+        finally:
+            self._refresh_tried[key] = time.monotonic() + interval
+
+    async def _refresh_due(self, tid: uuid.UUID) -> None:
+        row = await self._store.get(tid)
+        if row is None:
+            return
+        if not row.final and row.rh_task_id:
+            if not await self._lease(row):
+                return  # another replica is asking RunningHub; it publishes what it learns
+            row = await self._refresh(row)
+        await self._publish(row)
 
     async def _lease(self, row: TaskRow) -> bool:
         """One RunningHub call per task and refresh interval across replicas."""
-        ttl = self.timings.running_ttl if row.status == RUNNING else self.timings.queued_ttl
+        ttl = self._interval(row.status)
         try:
             return bool(
                 await self._redis.set(
@@ -281,7 +283,10 @@ class Tasks:
         except Exception:
             return True  # Redis down: this replica asks (its cache still coalesces its own polls)
 
-    async def _refresh(self, row: TaskRow) -> TaskRow:
+    async def _refresh(self, row: TaskRow, fail_forgotten: bool = True) -> TaskRow:
+        """RunningHub's word on an open task, recorded. A task RunningHub does not know
+        (807) is failed once it is older than the reconcile timeout (unless
+        `fail_forgotten` is False: a cancel ends it as cancelled instead)."""
         assert row.rh_task_id is not None
         try:
             state = await self._regions[row.region].outputs(row.rh_task_id)
@@ -293,9 +298,18 @@ class Tasks:
             )
             return row
         UPSTREAM_REFRESHES.labels("ok").inc()
-        if state.status is None:
-            log.warning("RunningHub does not know the task", extra={"task_id": row.task_id})
-            return row
+        if state.status is None:  # 807 / 423: RunningHub does not know the task
+            if (
+                not fail_forgotten
+                or time.time() - row.created_at.timestamp() < self.timings.reconcile_timeout
+            ):
+                log.warning("RunningHub does not know the task", extra={"task_id": row.task_id})
+                return row
+            log.warning("RunningHub no longer knows the task: failed", extra={"task_id": row.task_id})
+            forgotten = Failure(exception_type="unknown_task", message=FORGOTTEN)
+            ended_row, ended = await self._store.end(uuid.UUID(row.task_id), FAILED, forgotten)
+            await self._publish(ended_row, ended)
+            return ended_row or row
         updated, ended = await self._store.apply(uuid.UUID(row.task_id), state)
         if ended:
             await self._publish(updated, ended=True)
@@ -314,16 +328,22 @@ class Tasks:
                 grpc.StatusCode.FAILED_PRECONDITION, f"the task has already ended ({row.status})"
             )
         if row.rh_task_id is not None:
+            # Recorded first: a refresh or callback racing this cancel then records the
+            # interruption RunningHub reports as CANCELLED rather than FAILED.
+            await self._store.request_cancel(tid, True)
             try:
                 known = await self._regions[row.region].cancel(row.rh_task_id)
             except UpstreamError as exc:
+                await self._store.request_cancel(tid, False)
                 raise unavailable(str(exc)) from None
             except BusinessError as exc:
+                await self._store.request_cancel(tid, False)
                 raise ServiceError(
                     grpc.StatusCode.FAILED_PRECONDITION, f"RunningHub refused: {exc.message}"
                 ) from None
             if not known:  # RunningHub no longer knows it: it may have ended meanwhile
-                refreshed = await self._refresh(row)
+                await self._store.request_cancel(tid, False)
+                refreshed = await self._refresh(row, fail_forgotten=False)
                 if refreshed.final:
                     return refreshed.to_proto()
         ended_row, ended = await self._store.end(tid, envelope.CANCELLED, None)
@@ -415,4 +435,4 @@ class Tasks:
         await asyncio.gather(*self._background, return_exceptions=True)
 
 
-__all__ = ["QUEUED", "CachedTask", "TaskTimings", "Tasks"]
+__all__ = ["QUEUED", "TaskTimings", "Tasks"]

@@ -21,7 +21,7 @@ from .envelope import FINAL_STATES, Failure, TaskState
 
 COLUMNS = (
     "task_id, owner, request_id, effect_id, region, status, create_state, rh_task_id, outputs,"
-    " failure, cost_seconds, cost_coins, created_at, updated_at"
+    " failure, cost_seconds, cost_coins, created_at, updated_at, checked_at"
 )
 OPEN = "status IN ('QUEUED', 'RUNNING')"
 
@@ -42,6 +42,7 @@ class TaskRow:
     cost_coins: str | None
     created_at: datetime
     updated_at: datetime
+    checked_at: datetime  # when RunningHub was last asked about it (or the create answered)
 
     @property
     def final(self) -> bool:
@@ -65,6 +66,7 @@ class TaskRow:
             cost_coins=record["cost_coins"],
             created_at=record["created_at"],
             updated_at=record["updated_at"],
+            checked_at=record["checked_at"],
         )
 
     def to_proto(self) -> effects_pb2.Task:
@@ -100,6 +102,14 @@ def parse_task_id(text: str) -> uuid.UUID | None:
         return uuid.UUID(text)
     except ValueError:
         return None
+
+
+def _inserted_row(record: asyncpg.Record | None, task_id: uuid.UUID) -> TaskRow:
+    """The row this request inserted: only its own create path deletes it, so a
+    missing row is a broken invariant, not a state to serve."""
+    if record is None:
+        raise LookupError(f"task {task_id} vanished while being created")
+    return TaskRow.of(record)
 
 
 class TaskStore:
@@ -166,13 +176,13 @@ class TaskStore:
             status,
             failure_json(failure) if failure else None,
         )
-        return TaskRow.of(record)
+        return _inserted_row(record, task_id)
 
     async def mark_ambiguous(self, task_id: uuid.UUID) -> TaskRow:
         record = await self._pool.fetchrow(
             f"UPDATE tasks SET create_state = 'ambiguous' WHERE task_id = $1 RETURNING {COLUMNS}", task_id
         )
-        return TaskRow.of(record)
+        return _inserted_row(record, task_id)
 
     async def adopt(self, task_id: uuid.UUID, rh_task_id: str) -> bool:
         """Attach the RunningHub id a confirmed webhook revealed (ambiguous or racing create)."""
@@ -191,9 +201,13 @@ class TaskStore:
         """Record what RunningHub said; (the row, whether it just ended)."""
         status = state.status
         if status in FINAL_STATES:
+            # A failure after the user asked to cancel is the cancel (RunningHub reports
+            # an interrupted task as failed).
             record = await self._pool.fetchrow(
-                "UPDATE tasks SET status = $2, outputs = $3::jsonb, failure = $4::jsonb, cost_seconds = $5,"
-                " cost_coins = $6, ended_at = now(), updated_at = now(), checked_at = now()"
+                "UPDATE tasks SET status = CASE WHEN $2 = 'FAILED' AND cancel_requested_at IS NOT NULL"
+                " THEN 'CANCELLED' ELSE $2 END,"
+                " outputs = $3::jsonb, failure = CASE WHEN cancel_requested_at IS NULL THEN $4::jsonb END,"
+                " cost_seconds = $5, cost_coins = $6, ended_at = now(), updated_at = now(), checked_at = now()"
                 f" WHERE task_id = $1 AND {OPEN} RETURNING {COLUMNS}",
                 task_id,
                 status,
@@ -217,6 +231,14 @@ class TaskStore:
             if record is not None:
                 return TaskRow.of(record), False
         return await self.get(task_id), False
+
+    async def request_cancel(self, task_id: uuid.UUID, requested: bool) -> None:
+        """Record (or withdraw) a user's cancel of an open task, before RunningHub hears of it."""
+        await self._pool.execute(
+            f"UPDATE tasks SET cancel_requested_at = CASE WHEN $2 THEN now() END WHERE task_id = $1 AND {OPEN}",
+            task_id,
+            requested,
+        )
 
     async def end(
         self, task_id: uuid.UUID, status: str, failure: Failure | None

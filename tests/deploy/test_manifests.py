@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import yaml
+from pydantic import SecretStr
 
 from services.servicekit.config import ServiceSettings
 from tests.support import ROOT
@@ -245,6 +246,16 @@ def test_backends_run_their_own_module_and_migrate_first(overlay: tuple[str, lis
         assert "DATABASE_URL" in refs
 
 
+def settings_of(name: str) -> type[ServiceSettings]:
+    """The settings model a backend validates its environment with (services/<name>/app.py)."""
+    settings: type[ServiceSettings] = importlib.import_module(f"services.{name}.app").SETTINGS
+    return settings
+
+
+def secret_fields(settings: type[ServiceSettings]) -> set[str]:
+    return {n.upper() for n, f in settings.model_fields.items() if f.annotation is SecretStr}
+
+
 def test_environment_names_and_values_are_settings_the_services_read(
     overlay: tuple[str, list[dict[str, Any]]],
 ) -> None:
@@ -254,16 +265,55 @@ def test_environment_names_and_values_are_settings_the_services_read(
     for name, spec in pod_specs(docs):
         if name not in BACKENDS:
             continue
-        settings: type[ServiceSettings] = importlib.import_module(f"services.{name}.app").SETTINGS
+        settings = settings_of(name)
         fields = {field.upper() for field in settings.model_fields}
         for container in containers(spec):
             env = env_of(container, docs)
             names = set(env) | {v["name"] for v in container.get("env", [])}
             unknown = {n for n in names if n not in fields and not n.startswith("PYTHON")}
             assert not unknown, f"{name}/{container['name']}: {unknown}"
-            values = {k.lower(): v for k, v in env.items() if k in fields}
+            values: dict[str, Any] = {k.lower(): v for k, v in env.items() if k in fields}
             values["auth_jwt_secret"] = "x" * 32  # from the Secret
             settings.model_validate(values)
+
+
+def test_secrets_are_never_literal_values(overlay: tuple[str, list[dict[str, Any]]]) -> None:
+    """A setting typed SecretStr (API keys, signing keys) comes from the Secret, never
+    from a literal value or a ConfigMap."""
+    _, docs = overlay
+    for name, spec in pod_specs(docs):
+        if name not in BACKENDS:
+            continue
+        secrets = secret_fields(settings_of(name))
+        for container in containers(spec):
+            literal = set(env_of(container, docs)) & secrets
+            assert not literal, f"{name}/{container['name']}: {literal} set literally"
+
+
+def test_effects_gets_what_it_needs_in_production(overlay: tuple[str, list[dict[str, Any]]]) -> None:
+    """RunningHub sites and keys, the webhook key and public URL, and analytics' address."""
+    _, docs = overlay
+    specs = dict(pod_specs(docs))
+    container = server(specs["effects"])
+    env = env_of(container, docs)
+    refs = {
+        v["name"]: v["valueFrom"]["secretKeyRef"]
+        for v in container["env"]
+        if "secretKeyRef" in v.get("valueFrom", {})
+    }
+    for key in ("RUNNINGHUB_CN_API_KEY", "RUNNINGHUB_GLOBAL_API_KEY", "EFFECTS_WEBHOOK_SECRET"):
+        assert refs[key] == {"name": SECRET, "key": key} | ({"optional": True} if "API_KEY" in key else {})
+    # Without it the development default would sign webhook tokens: it must not be optional.
+    assert not refs["EFFECTS_WEBHOOK_SECRET"].get("optional", False)
+    for region in ("CN", "GLOBAL"):
+        assert re.fullmatch(r"https://[^/\s]+", env[f"RUNNINGHUB_{region}_URL"]), region
+    # Webhooks: RunningHub calls the edge over HTTPS; empty would mean polling only.
+    assert re.fullmatch(r"https://[^/\s]+(/[^\s]*)?", env["EFFECTS_PUBLIC_BASE_URL"])
+    # Task ends go to the analytics Service, at its gRPC port.
+    host, port = env["ANALYTICS_ADDR"].rsplit(":", 1)
+    analytics = of_kind(docs, "Service")[host]
+    assert int(port) in [p["port"] for p in analytics["spec"]["ports"] if p["name"] == "grpc"]
+    assert int(port) == named_port(server(specs["analytics"]), "grpc")
 
 
 def test_secret_references(overlay: tuple[str, list[dict[str, Any]]], base: list[dict[str, Any]]) -> None:

@@ -24,6 +24,8 @@ pytestmark = pytest.mark.timeout(120)
         (803, 400, "do not match"),
         (433, 400, "validation failed"),
         (901, 400, "webapp not found"),
+        (380, 400, "cannot run"),
+        (412, 400, "cannot run"),
         (810, 400, "never saved"),
         (416, 503, "balance"),
         (801, 503, "free"),

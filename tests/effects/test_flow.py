@@ -4,9 +4,11 @@ who may see and cancel a task; a webhook makes further polls free."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import pytest
 
+from services.effects.envelope import FAILED, Failure, TaskState
 from tests.effects.conftest import EnvFactory, png_bytes
 from tools.runninghub_sim import SimConfig
 
@@ -77,6 +79,33 @@ async def test_after_the_webhook_polls_need_no_upstream_call(effects_env: EnvFac
         status, body = await env.request("GET", f"/api/effects/tasks/{task['taskId']}")
         assert status == 200 and body["status"] == "SUCCEEDED" and body["outputs"]
     assert env.calls("outputs") == before
+
+
+async def test_the_interruption_runninghub_reports_after_a_cancel_is_recorded_as_cancelled(
+    effects_env: EnvFactory,
+) -> None:
+    """RunningHub reports a cancelled task as FAILED (interrupted). A poll's refresh or
+    a callback may learn that before CancelTask records its end: once the user asked to
+    cancel, that failure is the cancel."""
+    env = await effects_env(SimConfig.fast(run_seconds=30))
+    store = env.state.tasks._store
+    interrupted = TaskState(FAILED, failure=Failure("", "InterruptProcessingException", "Task cancelled"))
+    outcomes = {}
+    for cancel_asked in (True, False):
+        status, task = await env.start()
+        assert status == 200, task
+        tid = uuid.UUID(task["taskId"])
+        await store.request_cancel(tid, True)
+        if not cancel_asked:  # asked, then withdrawn (RunningHub refused the cancel)
+            await store.request_cancel(tid, False)
+        row, ended = await store.apply(tid, interrupted)
+        assert ended and row is not None
+        outcomes[cancel_asked] = (row.status, row.failure)
+    assert outcomes[True] == ("CANCELLED", None)
+    assert outcomes[False] == (
+        "FAILED",
+        {"nodeName": "", "exceptionType": "InterruptProcessingException", "message": "Task cancelled"},
+    )
 
 
 async def test_a_user_cannot_see_or_cancel_another_users_task(effects_env: EnvFactory) -> None:
@@ -167,3 +196,78 @@ async def test_cancel_of_an_ended_task_is_refused(effects_env: EnvFactory) -> No
     status, body = await env.request("POST", f"/api/effects/tasks/{task['taskId']}:cancel", json={})
     assert status == 400 and "already ended" in body["message"], body
     assert env.calls("cancel") == 0
+
+
+@pytest.mark.parametrize(
+    ("replies", "http", "calls"),
+    [
+        (["http:503", "ok"], 200, 2),  # a failed upload is retried
+        ([808, "ok"], 200, 2),  # 808 upload failed: retried
+        (["reset", "ok"], 200, 2),
+        ([809], 400, 1),  # too large for RunningHub: the user's to fix
+        ([802], 503, 1),  # key invalid: ours, not the user's
+    ],
+)
+async def test_upload_codes_are_handled_as_the_reference_says(
+    effects_env: EnvFactory, replies: list[object], http: int, calls: int
+) -> None:
+    env = await effects_env()
+    env.sim().faults.script("upload", replies)
+    status, body = await env.request(
+        "POST", "/api/effects/uploads", data=png_bytes(), headers={"Content-Type": "image/png"}
+    )
+    assert status == http, body
+    assert env.calls("upload") == calls
+    if http == 200:
+        assert body["fileName"].startswith("api/") and body["fileName"].endswith(".png")
+    else:
+        assert env.keys["global"] not in body["message"]
+
+
+async def test_outputs_states_and_transient_errors_while_polling(effects_env: EnvFactory) -> None:
+    """813 queued and 804 running are states, code 0 with null data is still running, and
+    500 / 5xx / a reset are retried or served from the last known state: a poll never
+    answers an error for them, and the task still ends with its outputs."""
+    env = await effects_env(
+        SimConfig.fast(queue_seconds=0.3, run_seconds=1.5, outputs_lag_seconds=0.5, running_null_rate=0.5)
+    )
+    status, task = await env.start()
+    assert status == 200, task
+    env.sim().faults.script("outputs", [813, 804, 500, "http:502", "reset", 0, 500, 500, 500, 500])
+    seen = set()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 20
+    while True:
+        status, body = await env.request("GET", f"/api/effects/tasks/{task['taskId']}")
+        assert status == 200, body
+        seen.add(body["status"])
+        if body["status"] == "SUCCEEDED":
+            break
+        assert body["status"] in ("QUEUED", "RUNNING"), body
+        assert loop.time() < deadline, body
+        await asyncio.sleep(0.05)
+    assert body["outputs"] and body["costSeconds"] >= 1
+    assert not env.sim().faults.scripts.get("outputs"), "every scripted reply was met"
+    replies = env.sim().counters()["replies"]
+    for code in (813, 804, 500):
+        assert replies.get(f"outputs:{code}", 0) >= 1, (code, replies)
+
+
+async def test_a_task_runninghub_no_longer_knows_fails_after_the_reconcile_timeout(
+    effects_env: EnvFactory,
+) -> None:
+    """807 on outputs: not retried; the last known state is served while the task is
+    young (RunningHub may not list it yet), then it fails with a clear reason rather
+    than staying open forever."""
+    env = await effects_env(SimConfig.fast(run_seconds=600), effects_reconcile_timeout_seconds=1.0)
+    status, task = await env.start()
+    assert status == 200, task
+    env.sim().faults.script("outputs", [807] * 1000)
+    status, body = await env.request("GET", f"/api/effects/tasks/{task['taskId']}")
+    assert status == 200 and body["status"] in ("QUEUED", "RUNNING"), body
+    done = await env.poll(task["taskId"])
+    assert done["status"] == "FAILED"
+    assert done["failure"]["exceptionType"] == "unknown_task"
+    assert "no longer knows" in done["failure"]["message"]
+    assert env.sim().counters()["replies"].get("outputs:807", 0) >= 1
+    assert env.creates() == 1  # and nothing was started again

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 import aiohttp
 import grpc
@@ -99,7 +98,6 @@ async def test_the_circuit_opens_fails_fast_and_recovers(effects_env: EnvFactory
     )
     assert status == 503, body
     assert calls(env, "upload") == 3  # three tries, then the circuit opened
-    started = time.perf_counter()
     for _ in range(5):
         status, body = await env.request(
             "POST",
@@ -108,8 +106,7 @@ async def test_the_circuit_opens_fails_fast_and_recovers(effects_env: EnvFactory
             headers={"Content-Type": "image/png"},
         )
         assert status == 503 and "circuit open" in body["message"], body
-    assert time.perf_counter() - started < 2.0  # failing fast, not waiting on RunningHub
-    assert calls(env, "upload") == 3
+    assert calls(env, "upload") == 3  # failing fast: RunningHub was not asked
     # Other endpoints of the region are behind the same circuit.
     status, body = await env.start(inputs={"image": "api/a.png"})
     assert status == 503, body
