@@ -76,7 +76,11 @@ async def start_service(
     apps: list[ServiceApp] = []
 
     async def start(
-        module: Any, clock: Clock | None = None, schema: str | None = None, **overrides: Any
+        module: Any,
+        clock: Clock | None = None,
+        schema: str | None = None,
+        auth_clock: Clock | None = None,
+        **overrides: Any,
     ) -> ServiceApp:
         name = schema or unique_name(module.__name__.split(".")[-2])
         settings_cls: type[ServiceSettings] = module.SETTINGS
@@ -95,6 +99,8 @@ async def start_service(
         app = ServiceApp(module.NAME, settings, module.MIGRATIONS)
         if clock is not None:
             app.clock = clock  # the kit's caches and what the wiring builds run on it
+        if auth_clock is not None:
+            app.auth_clock = auth_clock  # tokens are judged by wall time unless a test steps it
         await app.connect()
         await module.wire(app)
         await app.start()

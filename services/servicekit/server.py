@@ -125,7 +125,10 @@ class ServiceApp:
         self._arrivals = _Arrivals(lambda: self.service_names)
         self._db_watch: asyncio.Future[None] | None = None
         self.timing_sink: TimingSink | None = None
-        # This service's own `service` token, for calling the others' internal RPCs.
+        # The clock tokens are judged by, and this service's own `service` token (for calling
+        # the others' internal RPCs) minted on: wall time, kept apart from `clock` below so a
+        # test stepping the domain's time does not expire its callers' tokens.
+        self._auth_clock: Clock = SYSTEM_CLOCK
         self.service_tokens = ServiceTokens(settings.auth_jwt_secret, name)
         self._channels: dict[str, grpc.aio.Channel] = {}
         # The clock of the kit's caches and of whatever the wiring builds (tests set a ManualClock).
@@ -134,6 +137,16 @@ class ServiceApp:
         self._interceptor: ServiceInterceptor | None = None
         # Ships RPC timings and instance stats to monitoring (None without MONITORING_ADDR).
         self.reporter: MonitoringReporter | None = None
+
+    @property
+    def auth_clock(self) -> Clock:
+        return self._auth_clock
+
+    @auth_clock.setter
+    def auth_clock(self, clock: Clock) -> None:
+        """Set before `start()` (tests that expire tokens step it by hand)."""
+        self._auth_clock = clock
+        self.service_tokens = ServiceTokens(self.settings.auth_jwt_secret, self.name, clock=clock)
 
     # -- resources ---------------------------------------------------------
     async def connect(self) -> None:
@@ -231,7 +244,7 @@ class ServiceApp:
             ("grpc.so_reuseport", 0),
         ]
         self._interceptor = ServiceInterceptor(
-            self._access, s.auth_jwt_secret, self._timing, clock=self.clock
+            self._access, s.auth_jwt_secret, self._timing, clock=self._auth_clock
         )
         self._server = grpc.aio.server(
             interceptors=[self._arrivals, self._interceptor],

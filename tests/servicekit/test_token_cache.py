@@ -145,7 +145,7 @@ async def recorder_on_clock(start_service: Any) -> tuple[ServiceApp, ManualClock
             monitoring_app.ACCESS,
         )
 
-    return await start_service(module("monitoring", wire), clock=clock), clock
+    return await start_service(module("monitoring", wire), auth_clock=clock), clock
 
 
 async def test_through_the_interceptor_nothing_bad_passes_once_a_good_token_is_cached(
