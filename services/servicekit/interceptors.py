@@ -73,8 +73,6 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         self.tokens = VerifiedTokens(jwt_secret, max_cached_tokens, clock)
         self._sink = timing_sink
         self.in_flight = 0
-        # method -> (the registered handler, its wrapper); only registered methods.
-        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
 
     async def intercept_service(
         self,
@@ -82,68 +80,47 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> Handler | None:
         handler = await continuation(details)
-        if handler is None:
-            return None  # an unknown method: grpc answers UNIMPLEMENTED, nothing kept
-        method = details.method
-        known = self._wrapped.get(method)
-        if known is not None and known[0] is handler:
-            return known[1]
-        access = self._access.get(method)
-        if access is None:
+        access = self._access.get(details.method)
+        if handler is None or access is None:
             return handler  # health, reflection: not ours to wrap
-        # Wrapped once per registered method, not per call: the wrapper reads each call's
-        # metadata from its context.
-        wrapped = _Method(self, access, method).wrap(handler)
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
-
-
-class _Method:
-    """One registered method: its access level, metric children, and the wrappers that
-    authenticate, time and map errors of each of its calls."""
-
-    def __init__(self, owner: ServiceInterceptor, access: Access, method: str) -> None:
-        self.owner = owner
-        self.access = access
-        self.method = method
-        self.service, _, self.name = method[1:].rpartition("/")
-        self.seconds = RPC_SECONDS.labels(self.service, self.name)
-        self._handled: dict[grpc.StatusCode, Any] = {}
-
-    def wrap(self, handler: Handler) -> Handler:
+        call = _Call(self, access, details)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                self.unary(cast("UnaryBehavior", handler.unary_unary)),
+                call.unary(cast("UnaryBehavior", handler.unary_unary)),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                self.stream(cast("UnaryBehavior | StreamBehavior", handler.unary_stream)),
+                call.stream(cast("UnaryBehavior | StreamBehavior", handler.unary_stream)),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         # Client streams are refused by ServiceApp.add_service; never serve one unchecked.
-        raise RuntimeError(f"{self.method}: client-streaming RPCs are not supported by the kit")
+        raise RuntimeError(f"{details.method}: client-streaming RPCs are not supported by the kit")
 
-    def _begin(self, context: AioContext) -> tuple[contextvars.Token[str], str | None]:
-        """The request id set; (its reset token, the authorization value)."""
-        rid: str | None = None
-        authorization: str | None = None
+
+class _Call:
+    """What one RPC's wrapper needs: its method, access level and metadata."""
+
+    def __init__(self, owner: ServiceInterceptor, access: Access, details: grpc.HandlerCallDetails) -> None:
+        self.owner = owner
+        self.access = access
+        self.method = details.method
+        self.service, _, self.name = details.method[1:].rpartition("/")
         # Text values only: binary (`-bin`) metadata never carries what is read here.
-        for key, value in context.invocation_metadata() or ():
-            if key == "authorization" and isinstance(value, str):
-                authorization = value
-            elif key == "x-request-id" and isinstance(value, str):
-                rid = value
-        rid_token = request_id.set(rid or uuid.uuid4().hex)
+        self.metadata = {k: v for k, v in details.invocation_metadata or () if isinstance(v, str)}
+
+    def _begin(self) -> contextvars.Token[str]:
+        """Request id, then authentication (raises AuthError)."""
+        rid_token = request_id.set(self.metadata.get("x-request-id") or uuid.uuid4().hex)
         self.owner.in_flight += 1
         IN_FLIGHT.inc()
-        return rid_token, authorization
+        return rid_token
 
-    def _authenticate(self, authorization: str | None) -> None:
+    def _authenticate(self) -> None:
         try:
-            principal = self.owner.tokens.verify(authorization)
+            principal = self.owner.tokens.verify(self.metadata.get("authorization"))
         except AuthError:
             if self.access is not Access.PUBLIC:
                 raise
@@ -169,11 +146,8 @@ class _Method:
     def _end(self, code: grpc.StatusCode, seconds: float, rid_token: contextvars.Token[str]) -> None:
         self.owner.in_flight -= 1
         IN_FLIGHT.dec()
-        self.seconds.observe(seconds)
-        handled = self._handled.get(code)
-        if handled is None:
-            handled = self._handled[code] = RPC_HANDLED.labels(self.service, self.name, code.name)
-        handled.inc()
+        RPC_SECONDS.labels(self.service, self.name).observe(seconds)
+        RPC_HANDLED.labels(self.service, self.name, code.name).inc()
         sink = self.owner._sink
         if sink is not None:
             try:
@@ -185,11 +159,11 @@ class _Method:
 
     def unary(self, behavior: UnaryBehavior) -> UnaryBehavior:
         async def wrapped(request: Any, context: AioContext) -> Any:
-            rid_token, authorization = self._begin(context)
+            rid_token = self._begin()
             started = time.perf_counter()
             code = grpc.StatusCode.OK
             try:
-                self._authenticate(authorization)
+                self._authenticate()
                 return await behavior(request, context)
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
@@ -212,12 +186,12 @@ class _Method:
         messages = cast("StreamBehavior", behavior)
 
         async def wrapped(request: Any, context: AioContext) -> AsyncIterator[Any]:
-            rid_token, authorization = self._begin(context)
+            rid_token = self._begin()
             started = time.perf_counter()
             first: float | None = None
             code = grpc.StatusCode.OK
             try:
-                self._authenticate(authorization)
+                self._authenticate()
                 async for message in messages(request, context):
                     if first is None:
                         first = time.perf_counter()
