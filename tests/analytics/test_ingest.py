@@ -620,3 +620,40 @@ async def test_parallel_flushes_under_a_backlog(svc: Svc) -> None:
     assert committer.flushes >= 7  # 700 rows, at most 100 a flush
     assert await svc.db.fetchval("SELECT count(*) FROM events WHERE event_type = 'bulk'") == 600
     assert await svc.db.fetchval("SELECT sum(count) FROM rollup_events WHERE event_type = 'bulk'") == 600
+
+
+async def test_a_connection_stages_only_the_kinds_it_has_written(svc: Svc) -> None:
+    """Every COMMIT truncates all of a session's ON COMMIT DELETE ROWS tables, so the
+    writer creates a kind's staging table on a connection only when it first writes it."""
+    from services.analytics.ingest import GroupCommitter, Kind
+    from services.analytics.validation import validate_metrics
+
+    assert svc.app.pool is not None
+    committer = GroupCommitter(svc.app.pool, concurrency=1)
+    await committer.start()
+
+    async def staging_tables() -> set[str]:
+        (conn,) = committer.writer._idle  # the one connection, between flushes
+        rows = await conn.fetch(
+            "SELECT relname FROM pg_class WHERE relnamespace = pg_my_temp_schema() AND relkind = 'r'"
+        )
+        return {r["relname"] for r in rows}
+
+    try:
+        events = event_rows(5, event_type="staged")
+        assert await committer.submit(Kind.EVENTS, events) == (5, 0)
+        assert await staging_tables() == {"stage_events"}
+        assert await committer.submit(Kind.EVENTS, event_rows(3, event_type="staged")) == (3, 0)
+        assert await staging_tables() == {"stage_events"}
+        request = analytics_pb2.RecordPerformanceMetricsRequest(
+            metrics=[metric(uid("m"), "LCP", 1200.0, page="/staged")]
+        )
+        rows = validate_metrics(request, time.time(), Limits())
+        assert await committer.submit(Kind.METRICS, rows) == (1, 0)
+        assert await staging_tables() == {"stage_events", "stage_metrics"}
+        assert await committer.submit(Kind.EVENTS, events) == (0, 5)  # re-sent: duplicates
+    finally:
+        await committer.close()
+    assert committer.connections_prepared == 1
+    assert await svc.db.fetchval("SELECT count(*) FROM events WHERE event_type = 'staged'") == 8
+    assert await svc.db.fetchval("SELECT count(*) FROM metrics WHERE page = '/staged'") == 1

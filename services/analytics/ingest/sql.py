@@ -3,8 +3,9 @@
 Every flush is one transaction on a committer connection:
 
 1. binary COPY into per-connection temporary staging tables
-   (``ON COMMIT DELETE ROWS``, created once per connection from the row
-   contracts);
+   (``ON COMMIT DELETE ROWS``, made from the row contracts; the writer creates
+   a kind's table on a connection only when a flush first holds that kind,
+   because every COMMIT truncates all of them);
 2. events, steps: the ids go into the key tables (unique indexes), then the
    rows into the partitioned raw tables; optimistically as plain INSERTs of
    every staged row (``*_FAST_SQL``); when an id exists already, the writer
@@ -25,13 +26,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .rows import CONTRACTS, EVENTS, REVENUE, STEPS, TASK_ENDS, Kind
+from .rows import EVENTS, REVENUE, STEPS, TASK_ENDS, Kind
 
 SESSION_SETUP = """
 SET plan_cache_mode = force_custom_plan;
 SET synchronous_commit = on;  -- acknowledged means durable, whatever the database's default
 """
-STAGING_DDL = SESSION_SETUP + "\n".join(c.staging_ddl() for c in CONTRACTS.values())
 
 BUCKET = "date_bin('5 minutes', {col}, timestamptz 'epoch')"
 HOUR = "date_bin('1 hour', {col}, timestamptz 'epoch')"

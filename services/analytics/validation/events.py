@@ -89,7 +89,14 @@ def validate_events(request: analytics_pb2.RecordEventsRequest, now: float, limi
                 and session_id.isprintable()
                 and (not user_id or (len(user_id) <= MAX_ID_CHARS and user_id.isprintable()))
                 and (event_type in known_types or _event_type_ok(event_type))
-                and (not page or (len(page) <= MAX_PAGE_CHARS and clean_text(page)))
+                and (
+                    not page
+                    or (
+                        len(page) <= MAX_PAGE_CHARS
+                        and "\x00" not in page
+                        and (page.isascii() or clean_text(page))
+                    )
+                )
             ):
                 raise Declined
             occurred_at = timestamp(e, clock)

@@ -121,7 +121,27 @@ def struct_json(fields: Any, depth: int = 1, budget: int = MAX_PROPERTIES_BYTES)
     for key in fields:
         try:
             prefix = keys.get(key) or _key_prefix(key, budget)
-            text = value_json(fields[key], depth, budget - size)
+            value = fields[key]
+            # The scalar cases of value_json inlined (same checks, same text): a call per
+            # value was a fifth of the encoder's time on typical flat `properties`.
+            kind = value.WhichOneof("kind")
+            if kind == "string_value":
+                text = value.string_value
+                if len(text) > budget - size:
+                    raise BadValue(TOO_BIG, whole=True)
+                if "\x00" in text or not (text.isascii() or clean_text(text)):
+                    raise BadValue(text_problem(text))
+                text = _encode_str(text)
+            elif kind == "number_value":
+                number = value.number_value
+                if number.is_integer():  # False for inf and nan
+                    text = f"{int(number)}" if -_SAFE_INTEGER < number < _SAFE_INTEGER else repr(number)
+                elif number - number == 0.0:  # finite
+                    text = repr(number)
+                else:
+                    raise BadValue("numbers must be finite")
+            else:
+                text = value_json(value, depth, budget - size)
         except BadValue as exc:
             raise exc.within(_path_key(key)) from None
         size += len(prefix) + len(text) + 1
@@ -136,10 +156,10 @@ def properties_json(struct: struct_pb2.Struct) -> str | None:
     fields = struct.fields
     if not fields:
         return None
-    # A bound on the work before walking: the JSON form is never 16 times smaller
-    # than the wire form (a number: 9-11 bytes on the wire, 1 or more as JSON).
-    if struct.ByteSize() > 16 * MAX_PROPERTIES_BYTES:
-        raise BadValue(TOO_BIG, whole=True)
+    # No wire-size check first: struct_json's work is bounded by the JSON budget
+    # (every entry adds at least 2 characters; a text or key longer than the budget is
+    # refused before it is encoded), and struct.ByteSize() cost about a third of a
+    # typical event's encoding (bench.ingest, 2026-12-03).
     text = struct_json(fields)
     # At most MAX_PROPERTIES_BYTES characters here; UTF-8 takes at most 4 bytes a character.
     if len(text) > MAX_PROPERTIES_BYTES // 4 and len(text.encode()) > MAX_PROPERTIES_BYTES:
