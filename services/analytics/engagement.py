@@ -5,8 +5,9 @@ one row per UTC day and identified user, never from raw events.
 
 Definitions
 -----------
-* **Active**: a user (non-empty ``userId``) with at least one engagement event
-  or funnel step on a UTC day. Anonymous sessions are not users.
+* **Active**: a user (non-empty ``userId``) with at least one engagement event,
+  funnel step or effect task end (server fact) on a UTC day. Anonymous
+  sessions are not users.
 * **Window**: ``7d`` or ``30d`` is the 7 or 30 UTC days ending today (today,
   still running, included). ``as_of_day`` is today.
 * **DAU** (``dau``): the average over the window's days of the day's active
@@ -31,10 +32,17 @@ component     weight  counted from
 ============  ======  ==========================================================
 events        1       engagement events (any ``eventType``), at most 50 a day
 uploads       2       funnel step ``image_uploaded``
-effect_runs   5       funnel step ``processing_completed``
+effect_runs   5       effect tasks that ended ``SUCCEEDED`` (server facts)
 downloads     3       funnel step ``result_downloaded``
 shares        8       funnel step ``result_shared``
 ============  ======  ==========================================================
+
+Effect runs are server facts: the task ends the effects service reports
+(``RecordTaskEnds``, service token only), so a browser cannot inflate them. On
+a day the server reported no task end of the user at all (effects not yet
+reporting, or its bounded buffer dropped them), the browser's
+``processing_completed`` funnel steps count instead; never both, so a run is
+not counted twice.
 
 Each component's ``points`` is its part of the score after the decay; the score
 is their sum rounded to 2 decimals. ``percentile`` is the share (0..100) of the
