@@ -33,7 +33,7 @@ ACCESS = {
     "RecordFunnelSteps": Access.PUBLIC,
     "GetFunnelReport": Access.ADMIN,
     "GetPerformanceDashboard": Access.ADMIN,
-    "RecordRevenue": Access.ADMIN,  # the payment side, never a browser (API.md)
+    "RecordRevenue": Access.ADMIN_OR_SERVICE,  # the payment side, never a browser (issue 11)
     "RecordTaskEnds": Access.INTERNAL,  # service token only: server facts from effects
     "GetEngagementReport": Access.ADMIN,
     "GetUserEngagement": Access.USER,  # the servicer lets a user read only their own
