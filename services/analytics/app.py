@@ -135,10 +135,16 @@ async def wire(app: ServiceApp) -> None:
         settings.analytics_dashboard_ttl_seconds,
         clock=app.clock,
     )
-    funnels = FunnelReports(
-        pool, await app.cache("funnel", **RAW_BYTES), settings.analytics_funnel_ttl_seconds
-    )
     business = await wire_business(app, settings, monitoring)
+
+    async def refresh_walks() -> object:
+        # Every changed day, however recently it was pre-aggregated: a report computed
+        # (a cache miss) counts every step committed before it, as the raw computation did.
+        return await business.preagg.run_once(min_age_seconds=0)
+
+    funnels = FunnelReports(
+        pool, await app.cache("funnel", **RAW_BYTES), settings.analytics_funnel_ttl_seconds, refresh_walks
+    )
     servicer = Servicer(
         committer,
         dashboard,

@@ -1,6 +1,6 @@
 """Pre-aggregation of the raw events and funnel steps for the business reports.
 
-Two tables are kept from the raw rows, one UTC day at a time:
+Three tables are kept from the raw rows, one UTC day at a time:
 
 * ``engagement_daily``: per day and identified user (``user_id`` not empty),
   the counts the engagement score weighs (``services/analytics/engagement.py``):
@@ -18,6 +18,9 @@ Two tables are kept from the raw rows, one UTC day at a time:
   ``medium`` = ``utm_medium``, else ``referral`` with a referrer, else
   ``(none)``; ``campaign`` = ``utm_campaign``, else ``(none)``. Lower-cased,
   at most 200 characters.
+* ``funnel_walks``: the ordered funnel's walks per session and step-1
+  occurrence (``services/analytics/funnel_walks.py``), for every session
+  with a step that day.
 
 **Which days are recomputed.** The ingest's rollups (``rollup_events``,
 ``rollup_funnel``) hold exact per-bucket counts, written in the same
@@ -43,6 +46,7 @@ from datetime import UTC, date, datetime, timedelta
 
 import asyncpg
 
+from services.analytics import funnel_walks
 from services.analytics.distinct import Sketches
 from services.servicekit.db import Connection
 
@@ -144,7 +148,7 @@ class PassResult:
 
 
 class Preaggregator:
-    """Keeps ``engagement_daily`` and ``session_sources`` in step with the raw rows.
+    """Keeps ``engagement_daily``, ``session_sources`` and ``funnel_walks`` in step with the raw rows.
 
     Args:
         pool: the analytics pool.
@@ -215,6 +219,7 @@ class Preaggregator:
                     await conn.execute(
                         "DELETE FROM session_sources WHERE first_at < $1", _midnight(cutoff_day)
                     )
+                    await conn.execute("DELETE FROM funnel_walks WHERE start < $1", _midnight(cutoff_day))
             finally:
                 await conn.execute("SELECT pg_advisory_unlock($1)", self._lock_key)
         self.passes += 1
@@ -246,6 +251,9 @@ class Preaggregator:
             await conn.execute("DELETE FROM engagement_daily WHERE day = $1", day)
             await conn.execute(_ENGAGEMENT_SQL, day, start, end)
             await conn.execute(_SOURCES_SQL, start, end)
+            await funnel_walks.rebuild_day(
+                conn, start, end, _midnight(day - timedelta(days=self.retention_days))
+            )
             await conn.execute(
                 """INSERT INTO preagg_days (day, events, steps, task_ends, refreshed_at)
                 VALUES ($1, $2, $3, $4, $5)

@@ -9,7 +9,8 @@ Sources (all UTC):
 * traffic: events per day (``rollup_events``), active users per day and
   distinct over the week (``engagement_daily``);
 * funnel: the ordered funnel (``funnel.py``) of attempts started in each week
-  (conversion window 24 h), steps 1 to 7 (processing completed);
+  (conversion window 24 h), steps 1 to 7 (processing completed), read from the
+  pre-aggregated walks (``funnel_walks.py``; the report refreshes them first);
 * API latency p95 and error rate per endpoint, cache hit rates, alerts opened
   and resolved per severity within the week, and alerts open when the report is
   made: monitoring's ``GetServiceSummary`` asked for the week itself
@@ -32,7 +33,7 @@ import grpc
 
 from cosnap.monitoring.v1 import monitoring_pb2, monitoring_pb2_grpc
 from services.analytics import sketch
-from services.analytics.funnel import funnel_between
+from services.analytics.funnel_walks import funnel_from_walks
 from services.analytics.vitals import FUNNEL_STEPS, rate
 from services.analytics.weeks import Week
 
@@ -177,8 +178,8 @@ async def gather(
         }
         weekly_users = await conn.fetchval(_WEEKLY_USERS_SQL, week.start.date(), week.end.date())
         previous_users = await conn.fetchval(_WEEKLY_USERS_SQL, previous.start.date(), week.start.date())
-    this_funnel = await funnel_between(pool, week.start, week.end, CONVERSION_WINDOW)
-    last_funnel = await funnel_between(pool, previous.start, previous.end, CONVERSION_WINDOW)
+    this_funnel = await funnel_from_walks(pool, week.start, week.end, CONVERSION_WINDOW)
+    last_funnel = await funnel_from_walks(pool, previous.start, previous.end, CONVERSION_WINDOW)
 
     per_day: dict[tuple[str, date], dict[int, int]] = defaultdict(dict)
     per_week: dict[tuple[str, bool], dict[int, int]] = defaultdict(lambda: defaultdict(int))

@@ -347,7 +347,7 @@ def _page_two(data: WeeklyData) -> Figure:
         ax.set_ylim(0, top * 1.25)
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.tick_params(axis="y", labelsize=7)
-        ax.set_title("Alerts", loc="left", fontsize=11, fontweight="bold", color=INK)
+        ax.set_title("Alerts this week", loc="left", fontsize=11, fontweight="bold", color=INK)
         ax.text(0, -0.16, "colour: opened · grey: resolved", transform=ax.transAxes, fontsize=7, color=MUTED)
     if data.open_alerts is not None:
         warning, error, critical = data.open_alerts
