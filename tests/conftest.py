@@ -71,11 +71,14 @@ async def start_service(
     admin_pg: asyncpg.Connection, redis_client: aioredis.Redis
 ) -> AsyncIterator[StartService]:
     """Start a service in this process on free ports, with its own schema and
-    key prefix: `app = await start_service(module, **settings_overrides)`."""
+    key prefix: `app = await start_service(module, **settings_overrides)`; apps
+    given the same `schema` share their database and key prefix (replicas)."""
     apps: list[ServiceApp] = []
 
-    async def start(module: Any, clock: Clock | None = None, **overrides: Any) -> ServiceApp:
-        name = unique_name(module.__name__.split(".")[-2])
+    async def start(
+        module: Any, clock: Clock | None = None, schema: str | None = None, **overrides: Any
+    ) -> ServiceApp:
+        name = schema or unique_name(module.__name__.split(".")[-2])
         settings_cls: type[ServiceSettings] = module.SETTINGS
         values: dict[str, Any] = {
             "database_url": DATABASE_URL,

@@ -11,7 +11,7 @@ from pydantic import Field, field_validator
 
 from cosnap.monitoring.v1 import monitoring_pb2, monitoring_pb2_grpc
 from services.servicekit.auth import Access
-from services.servicekit.clock import SYSTEM_CLOCK, Clock
+from services.servicekit.clock import Clock
 from services.servicekit.config import ServiceSettings
 from services.servicekit.partitions import DailyPartitions
 from services.servicekit.server import ServiceApp
@@ -41,13 +41,18 @@ ACCESS = {
     "ReportServiceStats": Access.INTERNAL,
     "GetServiceSummary": Access.INTERNAL,
 }
-# Tables whose rows older than MONITORING_ROLLUP_RETENTION_DAYS are deleted.
+# Tables whose rows older than MONITORING_ROLLUP_RETENTION_DAYS are deleted
+# (alerts once resolved that long ago; open ones stay whatever their age).
 AGED_TABLES = (
     ("api_rollup_minute", "bucket_start"),
     ("instance_stats_minute", "bucket_start"),
     ("cache_rollup_minute", "bucket_start"),
     ("client_alert_keys", "received_at"),
+    ("alerts", "resolved_at"),
+    ("notifications", "created_at"),
 )
+# A weekly report reads the previous ISO week, which began at most 14 days ago.
+MIN_ROLLUP_RETENTION_DAYS = 15
 
 
 class MonitoringSettings(ServiceSettings):
@@ -55,7 +60,10 @@ class MonitoringSettings(ServiceSettings):
     metrics_port: int = Field(9103, ge=0, le=65535)
     monitoring_raw_retention_days: int = Field(7, ge=1, le=365, description="Raw API timings kept.")
     monitoring_rollup_retention_days: int = Field(
-        30, ge=1, le=3650, description="Per-minute rollups and client alert ids kept."
+        30,
+        ge=MIN_ROLLUP_RETENTION_DAYS,
+        le=3650,
+        description="Per-minute rollups, resolved alerts, client alert ids and notifications kept.",
     )
     monitoring_partition_days_ahead: int = Field(2, ge=1, le=60, description="Daily partitions made ahead.")
     monitoring_partition_interval_seconds: float = Field(3600.0, gt=0)
@@ -115,12 +123,13 @@ def state(app: ServiceApp) -> Monitoring:
     return _STATE[app]
 
 
-async def wire(app: ServiceApp, clock: Clock | None = None) -> None:
+async def wire(app: ServiceApp) -> None:
+    """Build monitoring on a connected app; everything runs on `app.clock` (the kit's)."""
     settings = app.settings
     assert isinstance(settings, MonitoringSettings)
     assert app.pool is not None and app.redis is not None, "connect() first"
     pool = app.pool
-    clock = clock or SYSTEM_CLOCK
+    clock = app.clock
 
     maintainer = DailyPartitions(
         pool,

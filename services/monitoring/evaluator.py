@@ -43,11 +43,11 @@ from typing import Any, Final
 import asyncpg
 
 from services.servicekit.clock import Clock
+from services.servicekit.db import Connection
 
 from . import summary
 from .notify import Receiver, enqueue, fingerprint
 from .rules import Rule
-from .summary import Connection
 
 SEVERITY_RANK: Final = {"critical": 0, "error": 1, "warning": 2}
 METRIC: Final = {

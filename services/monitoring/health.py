@@ -32,12 +32,12 @@ from datetime import datetime, timedelta
 
 import asyncpg
 import grpc
-import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2
 
 from cosnap.effects.v1 import effects_pb2, effects_pb2_grpc
 from cosnap.monitoring.v1 import monitoring_pb2
 from services.servicekit.clock import Clock
+from services.servicekit.redis_client import RedisClient
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class SystemHealth:
         self_name: str,
         targets: Mapping[str, str],
         pool: asyncpg.Pool,
-        redis: aioredis.Redis,
+        redis: RedisClient,
         clock: Clock,
         started_at: datetime,
         timeout_seconds: float = 1.0,

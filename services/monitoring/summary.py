@@ -4,7 +4,14 @@ server errors, merged histogram), per cache (hits, misses) and per replica
 dashboard's monitoring sections) both use them.
 
 A window [since, until) covers the minutes whose start lies in it: minute
-rollups are read whole, so a window is exact to the minute.
+rollups are read whole, so a window is exact to the minute. GetServiceSummary's
+window ends at the request's `end` (a weekly report asks about a past week:
+end = the week's end, window = 7 days) or, without one, now (so the current
+minute is in, having started before now). It must start within the rollup retention
+(MONITORING_ROLLUP_RETENTION_DAYS, at least 15 days, so the previous ISO week
+is always whole). Alert activity counts the alerts (rule and client) first
+seen and those resolved within the same [since, until); open alert counts are
+the alerts open now.
 """
 
 from __future__ import annotations
@@ -17,9 +24,11 @@ import asyncpg
 
 from cosnap.monitoring.v1 import monitoring_pb2
 from services.servicekit.db import Connection
-from services.servicekit.errors import invalid_argument
+from services.servicekit.errors import FieldViolations, invalid_argument
 
 from . import histogram
+from .alerts import SEVERITIES
+from .timings import FUTURE_SLACK, timestamp_or
 
 DEFAULT_WINDOW: Final = timedelta(hours=24)
 
@@ -46,6 +55,14 @@ GROUP BY service, instance
 ORDER BY service, instance
 """
 _OPEN_ALERTS_SQL = "SELECT severity, count(*)::bigint AS n FROM alerts WHERE state = 'open' GROUP BY severity"
+_ACTIVITY_SQL = """
+SELECT severity,
+       count(*) FILTER (WHERE first_seen_at >= $1 AND first_seen_at < $2)::bigint AS opened,
+       count(*) FILTER (WHERE resolved_at >= $1 AND resolved_at < $2)::bigint AS resolved
+FROM alerts
+WHERE (first_seen_at >= $1 AND first_seen_at < $2) OR (resolved_at >= $1 AND resolved_at < $2)
+GROUP BY severity
+"""
 
 
 @dataclass(frozen=True)
@@ -122,6 +139,29 @@ def parse_window(request: monitoring_pb2.GetServiceSummaryRequest, longest: time
     return window
 
 
+def parse_range(
+    request: monitoring_pb2.GetServiceSummaryRequest, now: datetime, longest: timedelta
+) -> tuple[datetime, datetime]:
+    """[since, until) of the request: `window` (default 24 h) ending at `end` (default now);
+    INVALID_ARGUMENT when it ends in the future or starts before the retention (`longest`)."""
+    window = parse_window(request, longest)
+    if not request.HasField("end"):
+        return now - window, now
+    bad = FieldViolations()
+    # Set to the epoch itself (an empty message) is no valid end, not "now".
+    end = timestamp_or(request.end, "end", now, bad) if request.end.ByteSize() else None
+    if end is None:
+        if not bad:
+            bad.add("end", "not a valid timestamp")
+    elif end > now + FUTURE_SLACK:
+        bad.add("end", "not in the future")
+    elif end - window < now - longest:
+        bad.add("end", f"the window must start within the last {longest.days} days (the retention)")
+    bad.raise_if_any("invalid window end")
+    assert end is not None  # else a violation was raised
+    return end - window, end
+
+
 class ServiceSummary:
     def __init__(self, pool: asyncpg.Pool, longest: timedelta) -> None:
         self._pool = pool
@@ -130,13 +170,12 @@ class ServiceSummary:
     async def get(
         self, request: monitoring_pb2.GetServiceSummaryRequest, now: datetime
     ) -> monitoring_pb2.GetServiceSummaryResponse:
-        window = parse_window(request, self._longest)
-        until = now + timedelta(minutes=1)  # the current minute is included
-        since = (now - window).replace(second=0, microsecond=0)
+        since, until = parse_range(request, now, self._longest)
         async with self._pool.acquire() as conn, conn.transaction(readonly=True):
             ends = await endpoints(conn, since, until)
             hit = await caches(conn, since, until)
             open_rows = await conn.fetch(_OPEN_ALERTS_SQL)
+            activity = {r["severity"]: r for r in await conn.fetch(_ACTIVITY_SQL, since, until)}
         response = monitoring_pb2.GetServiceSummaryResponse()
         for e in ends:
             response.endpoints.add(
@@ -154,4 +193,10 @@ class ServiceSummary:
         response.open_warning_alerts = counts.get("warning", 0)
         response.open_error_alerts = counts.get("error", 0)
         response.open_critical_alerts = counts.get("critical", 0)
+        for severity in SEVERITIES:
+            if severity in activity:
+                row = activity[severity]
+                response.alert_activity.add(
+                    severity=severity, opened=int(row["opened"]), resolved=int(row["resolved"])
+                )
         return response

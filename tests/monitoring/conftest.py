@@ -7,12 +7,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-import asyncpg
 import grpc
 import pytest
-import redis.asyncio as aioredis
 from aiohttp import web
 
 from cosnap.monitoring.v1 import monitoring_pb2_grpc
@@ -21,21 +19,28 @@ from services.servicekit.auth import ServiceTokens
 from services.servicekit.channels import service_channel
 from services.servicekit.clock import Clock
 from services.servicekit.server import ServiceApp
-from tests.support import DATABASE_URL, JWT_SECRET, REDIS_URL, unique_name
+from tests.conftest import StartService
+from tests.support import JWT_SECRET
 
-Connect = Callable[[ServiceApp], monitoring_pb2_grpc.MonitoringServiceStub]
+
+class Connect(Protocol):
+    def __call__(self, app: ServiceApp, service: str = ...) -> monitoring_pb2_grpc.MonitoringServiceStub: ...
+
+
+ConnectClient = Callable[[ServiceApp], monitoring_pb2_grpc.MonitoringServiceStub]
 StartMonitoring = Callable[..., Awaitable[ServiceApp]]
 
 
 @pytest.fixture
 async def connect() -> AsyncIterator[Connect]:
-    """`stub = connect(app)`: a MonitoringService stub to a running app as another
-    service calls it: every call carries a `service` token (internal RPCs accept
-    nothing else; it replaces any `authorization` the call sets)."""
+    """`stub = connect(app, service="effects")`: a MonitoringService stub to a running
+    app as that service calls it: every call carries its `service` token (internal RPCs
+    accept nothing else, and a service reports only for itself; the token replaces any
+    `authorization` the call sets)."""
     channels: list[grpc.aio.Channel] = []
 
-    def make(app: ServiceApp) -> monitoring_pb2_grpc.MonitoringServiceStub:
-        channel = service_channel(f"127.0.0.1:{app.port}", ServiceTokens(JWT_SECRET, "tests"))
+    def make(app: ServiceApp, service: str = "effects") -> monitoring_pb2_grpc.MonitoringServiceStub:
+        channel = service_channel(f"127.0.0.1:{app.port}", ServiceTokens(JWT_SECRET, service))
         channels.append(channel)
         return monitoring_pb2_grpc.MonitoringServiceStub(channel)
 
@@ -45,7 +50,7 @@ async def connect() -> AsyncIterator[Connect]:
 
 
 @pytest.fixture
-async def connect_client() -> AsyncIterator[Connect]:
+async def connect_client() -> AsyncIterator[ConnectClient]:
     """`stub = connect_client(app)`: a stub as a browser or admin calls it (no token of its own)."""
     channels: list[grpc.aio.Channel] = []
 
@@ -60,39 +65,17 @@ async def connect_client() -> AsyncIterator[Connect]:
 
 
 @pytest.fixture
-async def start_monitoring(
-    admin_pg: asyncpg.Connection, redis_client: aioredis.Redis
-) -> AsyncIterator[StartMonitoring]:
-    """`app = await start_monitoring(clock=..., schema=..., **settings)`: a monitoring
-    app in this process; apps given the same `schema` share their database (replicas).
-    The evaluation loop runs every 300 s unless told otherwise: tests step it by hand."""
-    apps: list[ServiceApp] = []
+def start_monitoring(start_service: StartService) -> StartMonitoring:
+    """`app = await start_monitoring(clock=..., schema=..., **settings)`: the root
+    `start_service` for monitoring (apps given the same `schema` are replicas on one
+    database), whose evaluation loop runs every 300 s unless told otherwise: tests
+    step it by hand."""
 
     async def start(clock: Clock | None = None, schema: str | None = None, **overrides: Any) -> ServiceApp:
-        name = schema or unique_name("monitoring")
-        values: dict[str, Any] = {
-            "database_url": DATABASE_URL,
-            "redis_url": REDIS_URL,
-            "db_schema": name,
-            "redis_prefix": name,
-            "auth_jwt_secret": JWT_SECRET,
-            "grpc_host": "127.0.0.1",
-            "grpc_port": 0,
-            "metrics_port": 0,
-            "shutdown_grace_seconds": 5,
-            "monitoring_eval_interval_seconds": 300,
-        }
-        settings = monitoring_app.MonitoringSettings(**{**values, **overrides})
-        app = ServiceApp(monitoring_app.NAME, settings, monitoring_app.MIGRATIONS)
-        await app.connect()
-        await monitoring_app.wire(app, clock)
-        await app.start()
-        apps.append(app)
-        return app
+        settings = {"monitoring_eval_interval_seconds": 300, **overrides}
+        return await start_service(monitoring_app, clock, schema=schema, **settings)
 
-    yield start
-    for app in apps:
-        await app.stop()
+    return start
 
 
 @dataclass

@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from cosnap.monitoring.v1 import monitoring_pb2
-from tests.monitoring.conftest import Connect, Receiver, StartMonitoring
+from tests.monitoring.conftest import Connect, ConnectClient, Receiver, StartMonitoring
 
 Edge = Callable[..., Awaitable[str]]
 
@@ -203,7 +203,7 @@ async def test_bad_client_alerts_are_400_and_store_nothing(edge: Any, body: Any,
 
 
 async def test_resolve_needs_a_valid_id_and_listing_an_admin(
-    start_monitoring: StartMonitoring, connect_client: Connect, connect: Connect, admin_token: str
+    start_monitoring: StartMonitoring, connect_client: ConnectClient, connect: Connect, admin_token: str
 ) -> None:
     app = await start_monitoring()
     stub = connect_client(app)

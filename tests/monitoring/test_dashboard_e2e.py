@@ -13,7 +13,7 @@ import pytest
 from cosnap.monitoring.v1 import monitoring_pb2
 from services.analytics import app as analytics_app
 from tests.conftest import StartService
-from tests.monitoring.conftest import Connect, StartMonitoring
+from tests.monitoring.conftest import Connect, ConnectClient, StartMonitoring
 
 ENDPOINT = "/cosnap.effects.v1.EffectsService/GetTask"
 
@@ -80,7 +80,7 @@ async def test_dashboard_shows_latency_cache_rates_and_open_alerts(
 
 
 async def test_internal_rpcs_refuse_anything_but_a_service_token(
-    start_monitoring: StartMonitoring, connect_client: Connect, admin_token: str, user_token: str
+    start_monitoring: StartMonitoring, connect_client: ConnectClient, admin_token: str, user_token: str
 ) -> None:
     app = await start_monitoring()
     stub = connect_client(app)

@@ -1,7 +1,9 @@
-"""Two monitoring replicas on one database: only the leader evaluates and
-notifies, each notification is sent once, and when the leader dies (its task
-gone, its lock connection cut) the other takes over within seconds.
-Notifications are retried against a receiver that fails at first."""
+"""Two monitoring replicas on one database, in this process with a
+controllable clock: only the leader evaluates and notifies, each notification
+is sent once, and when the leader's loop stops and its lock connection is cut
+the other takes over within seconds (test_leader_process.py SIGKILLs a real
+leader process). Notifications are retried against a receiver that fails at
+first."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from services.monitoring.evaluator import Pass
 from services.monitoring.rules import RulesError, load_rules, parse_rule
 from services.servicekit.clock import ManualClock
 from services.servicekit.server import ServiceApp
-from tests.monitoring.conftest import Connect, Receiver, StartMonitoring
+from tests.monitoring.conftest import Connect, ConnectClient, Receiver, StartMonitoring
 
 ENDPOINT = "/cosnap.effects.v1.EffectsService/GetTask"
 Feed = Callable[["Driver"], Awaitable[None]]
@@ -286,7 +286,7 @@ async def test_identical_alerts_are_one_alert_and_one_notification(driver: tuple
 
 
 async def test_an_admin_resolving_a_rule_alert_starts_the_rule_over(
-    driver: tuple[Driver, Receiver], admin_token: str, connect_client: Connect
+    driver: tuple[Driver, Receiver], admin_token: str, connect_client: ConnectClient
 ) -> None:
     d, receiver = driver
     for _ in range(3):

@@ -61,7 +61,7 @@ async def test_timings_land_raw_and_in_minute_rollups_and_summary(
     start_service: StartService, connect: Connect
 ) -> None:
     app = await start_service(monitoring_app)
-    stub = connect(app)
+    stub = connect(app, "analytics")
     now = datetime.now(UTC).replace(second=30, microsecond=0) - timedelta(minutes=2)
     batch = [timing(10.0, at=now) for _ in range(90)]
     batch += [timing(3500.0, at=now) for _ in range(8)]
@@ -90,7 +90,7 @@ async def test_timings_land_raw_and_in_minute_rollups_and_summary(
 
 async def test_stats_and_cache_hit_rates(start_service: StartService, connect: Connect) -> None:
     app = await start_service(monitoring_app)
-    stub = connect(app)
+    stub = connect(app, "analytics")
     for hits, misses in ((30, 10), (50, 10)):
         await stub.ReportServiceStats(
             monitoring_pb2.ReportServiceStatsRequest(
@@ -129,7 +129,7 @@ async def test_bad_timings_are_refused_whole(
     start_service: StartService, connect: Connect, field: str, bad: monitoring_pb2.ApiTiming
 ) -> None:
     app = await start_service(monitoring_app)
-    stub = connect(app)
+    stub = connect(app, "analytics")
     request = monitoring_pb2.RecordApiTimingsRequest(timings=[bad, timing(1.0)])
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await stub.RecordApiTimings(request)
@@ -143,7 +143,7 @@ async def test_out_of_range_timestamps_and_oversized_batches_are_refused(
     start_service: StartService, connect: Connect
 ) -> None:
     app = await start_service(monitoring_app, monitoring_max_timings=3)
-    stub = connect(app)
+    stub = connect(app, "analytics")
     t = timing(1.0)
     t.observed_at.seconds = 2**62  # beyond any datetime
     with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -168,25 +168,43 @@ async def test_out_of_range_timestamps_and_oversized_batches_are_refused(
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-async def test_raw_partitions_retire_and_rollups_age_out(
+async def test_raw_partitions_retire_and_rollups_and_resolved_alerts_age_out(
     start_service: StartService, admin_pg: asyncpg.Connection
 ) -> None:
     app = await start_service(
-        monitoring_app, monitoring_raw_retention_days=2, monitoring_rollup_retention_days=5
+        monitoring_app, monitoring_raw_retention_days=2, monitoring_rollup_retention_days=15
     )
     maintainer = monitoring_app.state(app).maintainer
     assert app.pool is not None
-    old = datetime.now(UTC) - timedelta(days=3)
-    await app.pool.execute(
-        "INSERT INTO api_rollup_minute VALUES ($1, 'a', '/a.B/C', 1, 0, 1, 1, $2)",
-        old.replace(second=0, microsecond=0),
-        [0] * histogram.BUCKETS,
-    )
-    later = datetime.now(UTC) + timedelta(days=3)
+    now = datetime.now(UTC)
+    later = now + timedelta(days=13)
+    for age in (16, 14):  # days before `later`: past the retention, and within it
+        await app.pool.execute(
+            "INSERT INTO api_rollup_minute VALUES ($1, 'a', $2, 1, 0, 1, 1, $3)",
+            (later - timedelta(days=age)).replace(second=0, microsecond=0),
+            f"/a.B/Age{age}",
+            [0] * histogram.BUCKETS,
+        )
+    for alert_id, state, resolved_age in (
+        ("old", "resolved", 16),
+        ("recent", "resolved", 14),
+        ("open", "open", None),
+    ):
+        await app.pool.execute(
+            "INSERT INTO alerts (alert_id, fingerprint, source, metric, severity, state, first_seen_at, "
+            "last_seen_at, resolved_at) VALUES ($1, $1, 'client', 'LCP', 'warning', $2, $3, $3, $4)",
+            alert_id,
+            state,
+            later - timedelta(days=20),
+            None if resolved_age is None else later - timedelta(days=resolved_age),
+        )
     result = await maintainer.run_once(later)
-    today = f"api_timings_p{datetime.now(UTC):%Y%m%d}"
-    assert today in result.dropped  # 3 days later today's raw partition is past 2 days
-    assert result.deleted_rows == 1  # the rollup from 6 days before `later`
+    today = f"api_timings_p{now:%Y%m%d}"
+    assert today in result.dropped  # 13 days later today's raw partition is past 2 days
+    assert result.deleted_rows == 2  # the rollup and the alert resolved 16 days before `later`
+    assert await app.pool.fetchval("SELECT array_agg(endpoint) FROM api_rollup_minute") == ["/a.B/Age14"]
+    kept = await app.pool.fetchval("SELECT array_agg(alert_id ORDER BY alert_id) FROM alerts")
+    assert kept == ["open", "recent"]  # an open alert stays whatever its age
     names = {
         r["tablename"]
         for r in await admin_pg.fetch("SELECT tablename FROM pg_tables WHERE schemaname = $1", app.schema)
@@ -196,7 +214,7 @@ async def test_raw_partitions_retire_and_rollups_age_out(
 
 async def test_concurrent_batches_are_group_committed(start_service: StartService, connect: Connect) -> None:
     app = await start_service(monitoring_app)
-    stub = connect(app)
+    stub = connect(app, "analytics")
     store = monitoring_app.state(app).timings
     before = store.flushes
     replies = await asyncio.gather(
@@ -210,3 +228,29 @@ async def test_concurrent_batches_are_group_committed(start_service: StartServic
     assert app.pool is not None
     assert await app.pool.fetchval("SELECT count(*) FROM api_timings") == 2000
     assert await app.pool.fetchval("SELECT sum(requests) FROM api_rollup_minute") == 2000
+
+
+async def test_a_service_reports_only_for_itself(start_service: StartService, connect: Connect) -> None:
+    app = await start_service(monitoring_app)
+    as_analytics = connect(app, "analytics")
+    mixed = [timing(1.0, service="analytics"), timing(1.0, service="effects")]
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await as_analytics.RecordApiTimings(monitoring_pb2.RecordApiTimingsRequest(timings=mixed))
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert (info.value.details() or "").startswith("timings[1].service:")
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await as_analytics.ReportServiceStats(
+            monitoring_pb2.ReportServiceStatsRequest(
+                service="effects", instance="effects-0", heap_used_bytes=1
+            )
+        )
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert (info.value.details() or "").startswith("service:")
+    assert app.pool is not None
+    for table in ("api_timings", "api_rollup_minute", "instance_stats_minute"):
+        assert await app.pool.fetchval(f"SELECT count(*) FROM {table}") == 0  # nothing of either batch
+    # the same reports under the right token are taken
+    reply = await connect(app, "effects").RecordApiTimings(
+        monitoring_pb2.RecordApiTimingsRequest(timings=[timing(1.0, service="effects")])
+    )
+    assert reply.accepted == 1
