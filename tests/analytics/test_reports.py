@@ -416,8 +416,13 @@ async def test_monitoring_down_leaves_the_sections_out_with_the_reason(
     monitor = await start_monitoring(monitoring_rollup_retention_days=60)
     c = connect(await start_service(analytics_app(), monitoring_addr=f"127.0.0.1:{monitor.port}", **FRESH))
     week = last_complete_week(datetime.now(UTC)).previous
-    await monitor.stop()
     assert c.app.pool is not None
+    # A week older than monitoring keeps its rollups: refused, and said so.
+    old = week_of(datetime.now(UTC) - timedelta(days=90))
+    data = await gather(c.app.pool, old, datetime.now(UTC), reports_of(c)._monitoring)
+    assert set(data.unavailable) == {"apiLatency", "cacheHitRates", "alerts"}
+    assert data.unavailable["apiLatency"].startswith("monitoring refused the week")
+    await monitor.stop()
     data = await gather(c.app.pool, week, datetime.now(UTC), reports_of(c)._monitoring, monitoring_timeout=2)
     assert set(data.unavailable) == {"apiLatency", "cacheHitRates", "alerts"}
     assert data.unavailable["alerts"].startswith("monitoring did not answer")
