@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from pydantic import Field
@@ -137,9 +138,11 @@ async def wire(app: ServiceApp) -> None:
     )
     business = await wire_business(app, settings, monitoring)
 
-    async def refresh_walks() -> object:
-        # Every changed day, however recently it was pre-aggregated: a report computed
-        # (a cache miss) counts every step committed before it, as the raw computation did.
+    async def refresh_walks(since: datetime, until: datetime) -> object:
+        # Every changed day of the report's range, however recently it was pre-aggregated:
+        # a computed report (a cache miss) counts every step committed before it.
+        if await business.preagg.steps_current(since, until):
+            return None
         return await business.preagg.run_once(min_age_seconds=0)
 
     funnels = FunnelReports(

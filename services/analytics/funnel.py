@@ -39,11 +39,13 @@ empty when no step lost any session.
 
 Pre-aggregation: with a ``refresh`` (the service's), reports are read from
 ``funnel_walks`` (``services/analytics/funnel_walks.py``: the same answers,
-without reading the raw steps) after the pre-aggregation pass re-walked every
-day whose steps changed (``min_age`` 0), so a computed report counts every
-step committed before it, as the raw computation does; the report cache's TTL
-is the only staleness. ``funnel_between`` below stays the reference
-computation from the raw rows.
+without reading the raw steps). Before reading, the days the report can see
+(window start to now + conversion window) are checked against the ingest's
+exact per-bucket step counts (``rollup_funnel``); when any moved since it was
+walked, a pre-aggregation pass re-walks the changed days first. So a computed
+report counts every step committed before it, as the raw computation does;
+the report cache's TTL is the only staleness. ``funnel_between`` below stays
+the reference computation from the raw rows.
 
 Implementation of the raw computation: one statement. The window's rows are read once into a
 materialized CTE, then nine set-based steps (``t1`` .. ``t9``) each join the
@@ -131,10 +133,10 @@ class FunnelReports:
         pool: asyncpg.Pool,
         cache: MultiLevelCache[bytes],
         ttl_seconds: float,
-        refresh: Callable[[], Awaitable[object]] | None = None,
+        refresh: Callable[[datetime, datetime], Awaitable[object]] | None = None,
     ) -> None:
-        """``refresh()`` brings the pre-aggregated walks up to date; without it reports are
-        computed from the raw steps."""
+        """``refresh(since, until)`` brings the pre-aggregated walks of those days up to
+        date; without it reports are computed from the raw steps."""
         self._pool = pool
         self._cache = cache
         self._ttl = ttl_seconds
@@ -150,8 +152,9 @@ class FunnelReports:
             self.computations += 1
             if self._refresh is None:
                 return await funnel_report(self._pool, window, conversion, effect_id)
-            await self._refresh()
-            return await funnel_report(self._pool, window, conversion, effect_id, funnel_from_walks)
+            now = datetime.now(UTC)
+            await self._refresh(now - window.length, now + conversion.length)
+            return await funnel_report(self._pool, window, conversion, effect_id, funnel_from_walks, now)
 
         return await get_or_load_message(
             self._cache,
@@ -199,11 +202,16 @@ Counts = Callable[
 
 
 async def funnel_report(
-    pool: asyncpg.Pool, window: Window, conversion: Window, effect_id: str, counts: Counts | None = None
+    pool: asyncpg.Pool,
+    window: Window,
+    conversion: Window,
+    effect_id: str,
+    counts: Counts | None = None,
+    now: datetime | None = None,
 ) -> analytics_pb2.GetFunnelReportResponse:
     """The ordered funnel over `window`, see the module docstring; `effect_id` "" for all;
     `counts` the per-step figures' source (the raw computation by default)."""
-    now = datetime.now(UTC)
+    now = now or datetime.now(UTC)
     by_step = await (counts or funnel_between)(pool, now - window.length, now, conversion.length, effect_id)
 
     response = analytics_pb2.GetFunnelReportResponse(

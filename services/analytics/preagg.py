@@ -40,6 +40,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -72,6 +74,15 @@ FROM e FULL JOIN f ON e.day = f.day FULL JOIN t ON t.day = coalesce(e.day, f.day
 
 # Effect runs: the server's succeeded task ends, or the browser's processing_completed
 # steps for a user the server reported no task end of that day (server facts win).
+# Per day of a range: the steps the ingest counted, and those pre-aggregated (NULL: never).
+_STEPS_CURRENT_SQL = """
+SELECT f.day, f.n AS now, coalesce(p.steps, -1) AS stored
+FROM (
+    SELECT (bucket_start AT TIME ZONE 'UTC')::date AS day, sum(count)::bigint AS n
+    FROM rollup_funnel WHERE bucket_start >= $1 AND bucket_start < $2 GROUP BY 1
+) f LEFT JOIN preagg_days p ON p.day = f.day
+"""
+
 _ENGAGEMENT_SQL = """
 INSERT INTO engagement_daily (day, user_id, events, uploads, effect_runs, downloads, shares)
 SELECT $1::date, user_id, sum(events), sum(uploads),
@@ -177,12 +188,14 @@ class Preaggregator:
         self._local = asyncio.Lock()
         self.sketches = Sketches(pool)
         self.passes = 0
+        self._last_start = -math.inf  # time.monotonic() of this replica's last pass start
 
     async def run_once(
         self, now: datetime | None = None, *, min_age_seconds: float | None = None
     ) -> PassResult:
         """One pass: recompute the days whose raw counts changed, delete what expired."""
         now = now or datetime.now(UTC)
+        self._last_start = time.monotonic()
         min_age = self.min_age_seconds if min_age_seconds is None else min_age_seconds
         cutoff_day = (now - timedelta(days=self.retention_days)).date()
         result = PassResult(refreshed=[])
@@ -226,6 +239,24 @@ class Preaggregator:
         if result.refreshed:
             log.info("pre-aggregation", extra={"days": [d.isoformat() for d in result.refreshed]})
         return result
+
+    async def preflight(self) -> PassResult | None:
+        """What a report awaits before reading the tables: a pass, unless this replica
+        started one less than ``min_age`` seconds ago (it would skip the days changed
+        since, as recently refreshed, anyway). Reports read tables at most about
+        ``min_age`` (plus the background interval) behind the raw rows."""
+        if time.monotonic() - self._last_start < self.min_age_seconds:
+            return None
+        return await self.run_once()
+
+    async def steps_current(self, since: datetime, until: datetime) -> bool:
+        """Whether every UTC day of ``[since, until]`` was pre-aggregated from the funnel
+        steps it holds now (the ingest's ``rollup_funnel`` counts, exact): a report over
+        those days read from ``funnel_walks`` then counts every committed step."""
+        first, last = since.astimezone(UTC).date(), until.astimezone(UTC).date()
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(_STEPS_CURRENT_SQL, _midnight(first), _midnight(last + timedelta(days=1)))
+        return all(r["stored"] == r["now"] for r in rows)
 
     async def _refresh_day(self, conn: Connection, day: date, now: datetime) -> None:
         start, end = _midnight(day), _midnight(day + timedelta(days=1))
