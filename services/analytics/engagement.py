@@ -67,6 +67,7 @@ import asyncpg
 from cosnap.analytics.v1 import analytics_pb2
 from services.analytics.preagg import Preflight
 from services.servicekit.cache import MultiLevelCache, get_or_load_message
+from services.servicekit.db import Connection
 from services.servicekit.errors import invalid_argument
 
 WINDOW_DAYS: Final = {"7d": 7, "30d": 30}
@@ -107,8 +108,7 @@ per_user AS (
 _COLUMNS = ", ".join(f"{name}_n, {name}_p" for name, _, _ in WEIGHTS)
 
 # One statement: the summary row (kind 0) and the page of top users (kind 1).
-_REPORT_SQL = f"""
-WITH {_SCORES_CTE.format(user_filter="")}
+_REPORT_BODY = f"""
 SELECT 0 AS kind, NULL::text AS user_id, NULL::int AS active_days, NULL::date AS last_day,
        {", ".join(f"NULL::bigint AS {n}_n, NULL::float8 AS {n}_p" for n, _, _ in WEIGHTS)},
        NULL::float8 AS score, NULL::float8 AS percentile,
@@ -121,8 +121,18 @@ UNION ALL
         -- the share of users with a strictly lower score, for the page's rows only
         100.0 * (SELECT count(*) FROM s lower WHERE lower.score < page.score) / (SELECT count(*) FROM s),
         NULL, NULL, NULL
- FROM (SELECT * FROM s ORDER BY score DESC, user_id LIMIT $3 OFFSET $4) page
+ FROM (SELECT * FROM s ORDER BY score DESC, user_id LIMIT {{limit}} OFFSET {{offset}}) page
  ORDER BY score DESC, user_id)
+"""
+_REPORT_SQL = f"WITH {_SCORES_CTE.format(user_filter='')}" + _REPORT_BODY.format(limit="$3", offset="$4")
+# The same from the scores the pass stored: $1 window, $2 limit, $3 offset.
+_STORED = "s AS (SELECT * FROM engagement_scores WHERE window_name = $1)"
+_REPORT_STORED_SQL = f"WITH {_STORED}" + _REPORT_BODY.format(limit="$2", offset="$3")
+_AS_OF_SQL = "SELECT as_of FROM engagement_scores_as_of WHERE window_name = $1"
+_STORE_SQL = f"""
+INSERT INTO engagement_scores (window_name, user_id, active_days, last_day, {_COLUMNS}, score)
+WITH {_SCORES_CTE.format(user_filter="")}
+SELECT $3, user_id, active_days, last_day, {_COLUMNS}, score FROM s
 """
 # The window wide figures: active users per day, WAU and MAU (today's 7 and 30 days).
 _ACTIVE_SQL = """
@@ -139,6 +149,31 @@ WITH {_SCORES_CTE.format(user_filter="")}
 SELECT u.*, 100.0 * (SELECT count(*) FROM s WHERE s.score < u.score) / (SELECT count(*) FROM s) AS percentile
 FROM s u WHERE u.user_id = $3
 """
+_USER_STORED_SQL = f"""
+WITH {_STORED}
+SELECT u.*, 100.0 * (SELECT count(*) FROM s WHERE s.score < u.score) / (SELECT count(*) FROM s) AS percentile
+FROM s u WHERE u.user_id = $2
+"""
+
+
+async def store_scores(conn: Connection, today: date) -> None:
+    """Every window's scores as of ``today``, for the reports to read (the pre-aggregation
+    pass calls it after refreshing ``engagement_daily``; one transaction)."""
+    async with conn.transaction():
+        await conn.execute("SET LOCAL work_mem = '64MB'; SET LOCAL jit = off")
+        for window, days in WINDOW_DAYS.items():
+            await conn.execute("DELETE FROM engagement_scores WHERE window_name = $1", window)
+            await conn.execute(_STORE_SQL, today - timedelta(days=days - 1), today, window)
+            await conn.execute(
+                "INSERT INTO engagement_scores_as_of (window_name, as_of) VALUES ($1, $2)"
+                " ON CONFLICT (window_name) DO UPDATE SET as_of = excluded.as_of",
+                window,
+                today,
+            )
+
+
+async def scores_as_of(conn: Connection) -> dict[str, date]:
+    return {r["window_name"]: r["as_of"] for r in await conn.fetch("SELECT * FROM engagement_scores_as_of")}
 
 
 @dataclass(frozen=True)
@@ -288,7 +323,10 @@ class EngagementReports:
         async with self._pool.acquire() as conn, conn.transaction(readonly=True, isolation="repeatable_read"):
             # jit off: compiling these plans costs more (~90 ms) than it saves at this size.
             await conn.execute("SET LOCAL work_mem = '64MB'; SET LOCAL jit = off")
-            rows = await conn.fetch(_REPORT_SQL, s.first, s.last, size + 1, offset)
+            if await conn.fetchval(_AS_OF_SQL, s.window) == s.last:
+                rows = await conn.fetch(_REPORT_STORED_SQL, s.window, size + 1, offset)
+            else:  # the pass has not stored today's scores yet
+                rows = await conn.fetch(_REPORT_SQL, s.first, s.last, size + 1, offset)
             active = await conn.fetchrow(_ACTIVE_SQL, s.first, s.last)
         assert active is not None  # an aggregate query returns one row
         summary = next(r for r in rows if r["kind"] == 0)
@@ -327,7 +365,10 @@ class EngagementReports:
         async with self._pool.acquire() as conn, conn.transaction(readonly=True):
             # jit off: compiling these plans costs more (~90 ms) than it saves at this size.
             await conn.execute("SET LOCAL work_mem = '64MB'; SET LOCAL jit = off")
-            row = await conn.fetchrow(_USER_SQL, s.first, s.last, user_id)
+            if await conn.fetchval(_AS_OF_SQL, s.window) == s.last:
+                row = await conn.fetchrow(_USER_STORED_SQL, s.window, user_id)
+            else:
+                row = await conn.fetchrow(_USER_SQL, s.first, s.last, user_id)
         response = analytics_pb2.GetUserEngagementResponse(window=s.window)
         response.generated_at.FromDatetime(now)
         if row is None:

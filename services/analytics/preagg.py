@@ -223,6 +223,13 @@ class Preaggregator:
                         continue
                     await self._refresh_day(conn, day, now)
                     result.refreshed.append(day)
+                # The engagement scores of today's windows, when their days moved or a day began.
+                from services.analytics import engagement  # here: it imports this module
+
+                today = now.astimezone(UTC).date()
+                as_of = await engagement.scores_as_of(conn)
+                if result.refreshed or any(as_of.get(w) != today for w in engagement.WINDOW_DAYS):
+                    await engagement.store_scores(conn, today)
                 gone = [d for d in stored if d not in counts or d < cutoff_day]
                 async with conn.transaction():
                     if gone:

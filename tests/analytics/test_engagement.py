@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import grpc
 import pytest
@@ -287,3 +287,35 @@ async def test_effect_runs_are_counted_from_server_facts(client: Client) -> None
     r = await report(client, window="7d")
     runs = {u.user_id: {p.name: p.count for p in u.components}["effect_runs"] for u in r.top_users}
     assert runs["brw"] == 1
+
+
+async def test_stored_scores_equal_the_live_computation(client: Client) -> None:
+    """The scores the pass stores (read by the reports) are the ones computed from the days."""
+    from services.analytics import engagement
+
+    await build_journeys(client)
+    await report(client)  # a pass: days and today's scores stored
+    assert client.app.pool is not None
+    async with client.app.pool.acquire() as conn:
+        for window in ("7d", "30d"):
+            s = engagement.span(window, datetime.now(UTC))
+            assert await conn.fetchval(engagement._AS_OF_SQL, window) == s.last
+            for size, offset in ((2, 0), (2, 2), (10, 0)):
+                live = await conn.fetch(engagement._REPORT_SQL, s.first, s.last, size, offset)
+                stored = await conn.fetch(engagement._REPORT_STORED_SQL, window, size, offset)
+                assert [dict(r) for r in stored] == [dict(r) for r in live]
+                assert len(live) == 1 + min(size, max(0, (5 if window == "30d" else 4) - offset))
+            for user in ("u1", "u4", "nobody"):
+                live_user = await conn.fetchrow(engagement._USER_SQL, s.first, s.last, user)
+                stored_user = await conn.fetchrow(engagement._USER_STORED_SQL, window, user)
+                if live_user is None:
+                    assert stored_user is None and (user, window) in {
+                        ("nobody", "7d"),
+                        ("nobody", "30d"),
+                        ("u4", "7d"),
+                    }
+                else:
+                    assert stored_user is not None
+                    assert {k: v for k, v in dict(stored_user).items() if k != "window_name"} == dict(
+                        live_user
+                    )
