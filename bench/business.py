@@ -3,21 +3,25 @@
 `python -m bench.business [--scale S]` (or `await run(scale)`), scale 1 by default:
 
 1. starts a real analytics service (own schema and Redis prefix, no monitoring);
-2. loads ``1 M x scale`` engagement events over the last 7 days (one session every 10
-   events, one user every 5 sessions, utm_* or a referrer on a session's first event) and
-   ``100 k x scale`` funnel steps with binary COPY, then builds the ingest's rollups from
-   them in SQL (as ``bench/dashboard.py`` does); revenue (one order per 20 users) and
-   effect task ends (one per 5 steps) are COPYed into their tables;
-3. runs the pre-aggregation pass and the hourly HLL sketch builder, as the service's
-   background loop would, and times them;
+2. loads, with the generator it shares with ``bench/dashboard.py`` (``bench/datagen.py``),
+   ``1 M x scale`` performance-metric rows over the last 24 h and their rollups,
+   ``200 k x scale`` engagement events and ``100 k x scale`` funnel steps over the last 7
+   days, revenue (one order per 20 users) and effect task ends (one per 5 steps), and the
+   ingest's rollups of them;
+3. runs the pre-aggregation pass (engagement days, session sources, funnel walks) and the
+   hourly HLL sketch builder, as the service's background loop would, and times them; then
+   keeps running them every 60 s (the production default) while it measures;
 4. measures cold p50 / p99 through gRPC (the report caches cleared before every call) of the
-   24h and 7d dashboard, the 7d funnel, the engagement report (7d, 30d), one user's score
-   and the attribution report (last touch by source, time decay by effect);
+   24h and 7d dashboard, the 7d funnel (all effects, and one effect with a 1 h conversion
+   window), the engagement report (7d, 30d), one user's score and the attribution report
+   (last touch by source, time decay by effect); and, for comparison, the 7d funnel
+   computed from the raw steps as before the pre-aggregation (a few calls);
 5. compares the sketches' distinct sessions and users over 7 days with exact counts;
 6. starts the service as a separate process on the same schema and measures its CPU time
    (``/proc``) while 1 client, then 100 clients, hold a live stream (1 s interval) open.
 
-``--scale 10`` is the issue's volume: 10 M events, 1 M funnel steps.
+``--scale 10`` is the issue's volume: 10 M metric rows, 1 M funnel steps (and 2 M events).
+The machine's load average is recorded at the start and the end.
 """
 
 from __future__ import annotations
@@ -26,184 +30,31 @@ import argparse
 import asyncio
 import json
 import os
-import random
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import grpc
-import redis.asyncio as aioredis
 
-from bench.dashboard import DATABASE_URL, LONG, REDIS_URL, SECRET, _percentiles
+from bench import datagen
+from bench.datagen import DATABASE_URL, LONG, REDIS_URL, SECRET
 from cosnap.analytics.v1 import analytics_pb2, analytics_pb2_grpc
 from services.analytics import app as analytics_app
+from services.analytics.funnel import funnel_between
+from services.analytics.funnel_walks import funnel_from_walks
 from services.servicekit.auth import issue_token
 from services.servicekit.server import ServiceApp
 
 ROOT = Path(__file__).resolve().parent.parent
-BASE_EVENTS = 1_000_000
+BASE_METRICS = 1_000_000
+BASE_EVENTS = 200_000
 BASE_STEPS = 100_000
+METRIC_SPAN = timedelta(hours=24)
 SPAN = timedelta(days=7)
-CHUNK = 50_000
-SOURCES = [("google", "cpc", "winter"), ("facebook", "social", "launch"), ("newsletter", "email", "weekly")]
-REFERRERS = ["https://www.reddit.com/r/photo", "https://news.ycombinator.com/item", "https://t.co/x"]
-EVENT_TYPES = [f"event_{i}" for i in range(10)]
-PAGES = [f"/page/{i}" for i in range(20)]
-EFFECTS = [f"fx-{i}" for i in range(30)]
-
-ROLLUPS = (
-    (
-        "rollup_events",
-        """INSERT INTO rollup_events (bucket_start, event_type, page, count)
-           SELECT date_bin('5 minutes', occurred_at, timestamptz 'epoch'), event_type, coalesce(page, ''), count(*)
-           FROM events GROUP BY 1, 2, 3""",
-    ),
-    (
-        "rollup_sessions",
-        """INSERT INTO rollup_sessions (hour_start, session_id, user_id)
-           SELECT date_bin('1 hour', occurred_at, timestamptz 'epoch'), session_id, max(user_id)
-           FROM events GROUP BY 1, 2""",
-    ),
-    (
-        "rollup_funnel",
-        """INSERT INTO rollup_funnel (bucket_start, step, effect_id, count)
-           SELECT date_bin('5 minutes', occurred_at, timestamptz 'epoch'), step, coalesce(effect_id, ''), count(*)
-           FROM funnel_steps GROUP BY 1, 2, 3""",
-    ),
-)
-
-
-def _events(start: int, count: int, now: datetime) -> Iterator[tuple[Any, ...]]:
-    rng = random.Random(start)
-    span = SPAN.total_seconds() - 3600
-    for i in range(start, start + count):
-        session = i // 10
-        user = session // 5
-        # A session's events sit within 20 minutes of its start, spread over the span.
-        begin = (session * 7919 % 100_003) / 100_003 * span
-        at = now - timedelta(seconds=span - begin - (i % 10) * 120 + 1)
-        properties = None
-        if i % 10 == 0:
-            kind = session % 10
-            if kind < 4:
-                source, medium, campaign = SOURCES[session % len(SOURCES)]
-                properties = json.dumps(
-                    {"utm_source": source, "utm_medium": medium, "utm_campaign": campaign}
-                )
-            elif kind < 7:
-                properties = json.dumps({"referrer": REFERRERS[session % len(REFERRERS)]})
-        yield (
-            f"e{i}",
-            f"s{session}",
-            f"u{user}" if session % 4 else None,  # a quarter of the sessions anonymous
-            EVENT_TYPES[rng.randrange(len(EVENT_TYPES))],
-            PAGES[session % len(PAGES)],
-            properties,
-            at,
-        )
-
-
-def _steps(count: int, now: datetime) -> Iterator[tuple[Any, ...]]:
-    span = SPAN.total_seconds() - 3600
-    i = 0
-    session = 0
-    while i < count:
-        reached = 1 + (session * 31 % 9)
-        begin = (session * 7919 % 100_003) / 100_003 * span
-        for step in range(1, min(reached, count - i) + 1):
-            yield (
-                f"f{i}",
-                f"fs{session}",
-                f"u{session // 3}",
-                step,
-                EFFECTS[session % len(EFFECTS)],
-                now - timedelta(seconds=span - begin - step * 30 + 1),
-            )
-            i += 1
-        session += 1
-
-
-async def _copy(
-    pool: asyncpg.Pool, table: str, columns: tuple[str, ...], rows: Iterator[tuple[Any, ...]]
-) -> None:
-    async with pool.acquire() as conn:
-        batch: list[tuple[Any, ...]] = []
-        for row in rows:
-            batch.append(row)
-            if len(batch) == CHUNK:
-                await conn.copy_records_to_table(table, records=batch, columns=columns, timeout=LONG)
-                batch = []
-        if batch:
-            await conn.copy_records_to_table(table, records=batch, columns=columns, timeout=LONG)
-
-
-async def _load(pool: asyncpg.Pool, events: int, steps: int, now: datetime) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    started = time.perf_counter()
-    columns = ("event_id", "session_id", "user_id", "event_type", "page", "properties", "occurred_at")
-    parts = 2
-    per = -(-events // parts)
-    await asyncio.gather(
-        *(
-            _copy(pool, "events", columns, _events(p * per, min(per, events - p * per), now))
-            for p in range(parts)
-            if p * per < events
-        )
-    )
-    await _copy(
-        pool,
-        "funnel_steps",
-        ("step_id", "session_id", "user_id", "step", "effect_id", "occurred_at"),
-        _steps(steps, now),
-    )
-    out["copy_seconds"] = round(time.perf_counter() - started, 1)
-    users = events // 50
-    rng = random.Random(11)
-    orders = [
-        (
-            f"o{i}",
-            f"u{rng.randrange(users)}",
-            Decimal(rng.choice(["4.99", "9.99", "19.99"])),
-            "USD" if i % 5 else "EUR",
-            now - timedelta(seconds=rng.random() * SPAN.total_seconds()),
-        )
-        for i in range(max(10, users // 20))
-    ]
-    tasks = [
-        (
-            f"t{i}",
-            EFFECTS[i % len(EFFECTS)],
-            f"u{rng.randrange(users)}",
-            "SUCCEEDED",
-            Decimal(rng.choice(["0.5", "1", "2"])),
-            now - timedelta(seconds=rng.random() * SPAN.total_seconds()),
-        )
-        for i in range(max(10, steps // 5))
-    ]
-    async with pool.acquire() as conn:
-        await conn.copy_records_to_table(
-            "revenue", records=orders, columns=("order_id", "user_id", "amount", "currency", "occurred_at")
-        )
-        await conn.copy_records_to_table(
-            "task_ends",
-            records=tasks,
-            columns=("task_id", "effect_id", "user_id", "status", "cost_coins", "occurred_at"),
-        )
-        await conn.execute("SET work_mem = '256MB'")
-        for table, sql in ROLLUPS:
-            t = time.perf_counter()
-            await conn.execute(sql, timeout=LONG)
-            out[f"{table}_seconds"] = round(time.perf_counter() - t, 1)
-        await conn.execute("ANALYZE", timeout=LONG)
-        out["rollup_sessions_rows"] = await conn.fetchval("SELECT count(*) FROM rollup_sessions")
-    out["orders"], out["tasks"] = len(orders), len(tasks)
-    return out
 
 
 async def _cold(
@@ -217,7 +68,7 @@ async def _cold(
         started = time.perf_counter()
         await call()
         samples.append(time.perf_counter() - started)
-    return _percentiles(samples)
+    return datagen.percentiles(samples)
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -338,16 +189,31 @@ async def _start_service(schema: str) -> ServiceApp:
 
 
 async def run(scale: float = 1.0, cold_calls: int = 10, stream_seconds: float = 10.0) -> dict[str, Any]:
+    metrics = max(10_000, int(BASE_METRICS * scale))
     events = max(10_000, int(BASE_EVENTS * scale))
     steps = max(1_000, int(BASE_STEPS * scale))
     schema = f"bench_business_{uuid.uuid4().hex[:8]}"
     app = await _start_service(schema)
-    result: dict[str, Any] = {"events": events, "funnel_steps": steps, "schema": schema}
+    result: dict[str, Any] = {
+        "metric_rows": metrics,
+        "events": events,
+        "funnel_steps": steps,
+        "schema": schema,
+        "load_average_start": os.getloadavg(),
+    }
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
     try:
         assert app.pool is not None
         now = datetime.now(UTC)
-        result["load"] = await _load(app.pool, events, steps, now)
+        load: dict[str, Any] = {}
+        load["metrics_copy_seconds"] = round(
+            await datagen.load_metrics(app.pool, metrics, now, METRIC_SPAN), 1
+        )
+        load["metric_rollups_seconds"] = await datagen.build_metric_rollups(
+            app.pool, now, METRIC_SPAN, synthetic=False
+        )
+        load.update(await datagen.load_business(app.pool, events, steps, now, SPAN))
+        result["load"] = load
         print(f"  loaded: {result['load']}", flush=True)
         business = analytics_app.state(app).business
         started = time.perf_counter()
@@ -361,6 +227,20 @@ async def run(scale: float = 1.0, cold_calls: int = 10, stream_seconds: float = 
             f"  pre-aggregation {result['preagg_seconds']} s, sketches {result['sketch_build_seconds']} s",
             flush=True,
         )
+
+        # From here on, the service's background loop as in production: a pass (and the
+        # sketches) every ANALYTICS_PREAGG_INTERVAL_SECONDS' default, 60 s. Reports skip
+        # their own pass when one started less than min_age (60 s) ago.
+        interval = analytics_app.SETTINGS.model_fields["analytics_preagg_interval_seconds"].default
+
+        async def background() -> None:
+            while True:
+                await asyncio.sleep(interval)
+                await business.preagg.run_once()
+                await business.preagg.build_sketches()
+
+        loop_task = asyncio.ensure_future(background())
+        result["background_interval_seconds"] = interval
 
         stub = analytics_pb2_grpc.AnalyticsServiceStub(channel)
         metadata = (("authorization", f"Bearer {issue_token(SECRET, 'bench', role='admin')}"),)
@@ -391,6 +271,16 @@ async def run(scale: float = 1.0, cold_calls: int = 10, stream_seconds: float = 
             "funnel 7d": (
                 lambda: stub.GetFunnelReport(
                     analytics_pb2.GetFunnelReportRequest(window="7d"), metadata=metadata, timeout=LONG
+                ),
+                "funnel",
+            ),
+            "funnel 7d fx-3 1h": (
+                lambda: stub.GetFunnelReport(
+                    analytics_pb2.GetFunnelReportRequest(
+                        window="7d", effect_id="fx-3", conversion_window="1h"
+                    ),
+                    metadata=metadata,
+                    timeout=LONG,
                 ),
                 "funnel",
             ),
@@ -434,6 +324,19 @@ async def run(scale: float = 1.0, cold_calls: int = 10, stream_seconds: float = 
             result["cold"][label] = await _cold(call, clearing(cache), cold_calls)
             print(f"  cold {label}: {result['cold'][label]}", flush=True)
 
+        # The 7d funnel from the raw steps (the computation before the walks), and the
+        # walks' answer for the same window compared with it.
+        until = datetime.now(UTC)
+        raw_samples = []
+        for _ in range(3):
+            started = time.perf_counter()
+            raw = await funnel_between(app.pool, until - SPAN, until, timedelta(hours=24))
+            raw_samples.append(time.perf_counter() - started)
+        walked = await funnel_from_walks(app.pool, until - SPAN, until, timedelta(hours=24))
+        result["funnel_7d_raw"] = datagen.percentiles(raw_samples)
+        result["funnel_walks_equal_raw"] = walked == raw
+        print(f"  raw funnel 7d: {result['funnel_7d_raw']}; walks equal: {walked == raw}", flush=True)
+
         # Sketch estimates against exact distinct counts over the same hours.
         reply = await stub.GetPerformanceDashboard(
             analytics_pb2.GetPerformanceDashboardRequest(window="7d"), metadata=metadata, timeout=LONG
@@ -455,29 +358,23 @@ async def run(scale: float = 1.0, cold_calls: int = 10, stream_seconds: float = 
             "users_exact": exact["u"],
             "users_error": round(abs(reply.engagement.users - exact["u"]) / exact["u"], 5),
         }
+        loop_task.cancel()
     finally:
         await channel.close()
         await app.stop()
     try:
         result["stream"] = await _stream_cpu(schema, stream_seconds)
     finally:
-        conn = await asyncpg.connect(DATABASE_URL)
-        try:
-            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        finally:
-            await conn.close()
-        client = aioredis.Redis.from_url(REDIS_URL)
-        try:
-            async for key in client.scan_iter(match=f"{schema}:*", count=1000):
-                await client.delete(key)
-        finally:
-            await client.aclose()
+        await datagen.drop(schema)
+    result["load_average_end"] = os.getloadavg()
     return result
 
 
 def print_result(result: dict[str, Any]) -> None:
     print(
-        f"business benchmark: {result['events']:,} events, {result['funnel_steps']:,} funnel steps over 7 days"
+        f"business benchmark: {result['metric_rows']:,} metric rows over 24 h, {result['events']:,} events "
+        f"and {result['funnel_steps']:,} funnel steps over 7 days; load average "
+        f"{result['load_average_start']} at the start, {result.get('load_average_end')} at the end"
     )
     print(f"  load: {result['load']}")
     print(
@@ -486,6 +383,11 @@ def print_result(result: dict[str, Any]) -> None:
     )
     for label, p in result["cold"].items():
         print(f"  cold {label}: p50 {p['p50_ms']} ms, p99 {p['p99_ms']} ms")
+    raw = result["funnel_7d_raw"]
+    print(
+        f"  funnel 7d from the raw steps: p50 {raw['p50_ms']} ms, p99 {raw['p99_ms']} ms; "
+        f"walks give the same answer: {result['funnel_walks_equal_raw']}"
+    )
     s = result["sketch_7d"]
     print(
         f"  sketch 7d: sessions {s['sessions']} vs exact {s['sessions_exact']} ({s['sessions_error']:.2%}), "
@@ -503,7 +405,9 @@ def print_result(result: dict[str, Any]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.business")
-    parser.add_argument("--scale", type=float, default=1.0, help="1.0 = 1 M events, 100 k funnel steps")
+    parser.add_argument(
+        "--scale", type=float, default=1.0, help="1.0 = 1 M metric rows, 200 k events, 100 k funnel steps"
+    )
     parser.add_argument("--cold", type=int, default=10, help="cold calls per report")
     parser.add_argument("--stream-seconds", type=float, default=10.0)
     args = parser.parse_args()

@@ -3,19 +3,16 @@
 `python -m bench.dashboard [--scale S]` (or `await run(scale)`):
 
 1. starts a real analytics service (its own schema and Redis prefix, no monitoring);
-2. loads ``1 M x scale`` performance-metric rows spread over the last 24 h into the raw
-   ``metrics`` table with binary COPY (two connections in parallel);
-3. builds the rollups from them, one ``INSERT ... SELECT ... GROUP BY`` per rollup table
-   (sketch bins computed in SQL with ``sketch.bin_of``'s formula ``ceil(ln(v) / ln(gamma))``;
-   the hourly sketch summed from the 5-minute one, as ingest keeps it);
-   events and funnel rollups get a synthetic, realistically sized fill;
-4. measures the dashboard through gRPC: cold (the dashboard cache cleared before every call;
+2. loads ``1 M x scale`` performance-metric rows spread over the last 24 h and builds the
+   rollups from them (``bench/datagen.py``, shared with ``bench/business.py``); events and
+   funnel rollups get a synthetic, realistically sized fill;
+3. measures the dashboard through gRPC: cold (the dashboard cache cleared before every call;
    PostgreSQL's buffers are warm) and warm (served from the cache), p50 / p99, for the 1h
    (5-minute rollups), 24h and 7d (hourly sketch) windows, and the warm throughput of
    concurrent callers;
-5. times each query of the 24h dashboard alone (and the sketch query on the 5-minute table,
+4. times each query of the 24h dashboard alone (and the sketch query on the 5-minute table,
    for comparison);
-6. prints the figures, drops its schema and deletes its Redis keys.
+5. prints the figures, drops its schema and deletes its Redis keys.
 
 Needs PostgreSQL and Redis (``BENCH_DATABASE_URL`` / ``BENCH_REDIS_URL``, defaulting to the
 test instances).
@@ -26,199 +23,26 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
-import os
-import random
 import statistics
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 import grpc
-import redis.asyncio as aioredis
 
+from bench import datagen
+from bench.datagen import DATABASE_URL, LONG, REDIS_URL, SECRET
 from cosnap.analytics.v1 import analytics_pb2, analytics_pb2_grpc
 from services.analytics import app as analytics_app
-from services.analytics import dashboard, sketch, vitals
+from services.analytics import dashboard, vitals
 from services.servicekit.auth import issue_token
 from services.servicekit.server import ServiceApp
 
-DATABASE_URL = os.environ.get(
-    "BENCH_DATABASE_URL", os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
-)
-REDIS_URL = os.environ.get("BENCH_REDIS_URL", os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0"))
-SECRET = "bench-secret-0123456789-0123456789-abcdef"
 BASE_ROWS = 1_000_000
-CHUNK = 50_000
-COPIERS = 2
-LONG = 3600.0  # seconds: loading and rollup statements at scale outlast the pool's command timeout
 SPAN = timedelta(hours=24)
 WINDOWS = ("1h", "24h", "7d")  # 1h: the 5-minute tables; 24h and 7d: the hourly sketch
-PAGES = [f"/page/{i}" for i in range(20)]
-COPY_COLUMNS = (
-    "name",
-    "metric_id",
-    "session_id",
-    "user_id",
-    "value",
-    "delta",
-    "rating",
-    "navigation_type",
-    "page",
-    "occurred_at",
-)
-# name -> (share of rows, lognormal median, sigma, share of exact zeros)
-MIX: dict[str, tuple[float, float, float, float]] = {
-    "LCP": (0.20, 2000.0, 0.6, 0.0),
-    "FCP": (0.15, 1400.0, 0.5, 0.0),
-    "TTFB": (0.12, 500.0, 0.7, 0.0),
-    "CLS": (0.15, 0.05, 1.0, 0.2),
-    "INP": (0.15, 150.0, 0.8, 0.0),
-    "FID": (0.02, 40.0, 0.8, 0.0),
-    "API_RESPONSE": (0.10, 200.0, 0.9, 0.0),
-    "COMPONENT_RENDER": (0.05, 8.0, 0.9, 0.0),
-    "RESOURCE_LOAD": (0.06, 300.0, 0.9, 0.0),
-}
-
-BINS_ROLLUP = """
-INSERT INTO rollup_metric_bins (bucket_start, name, page, bin, count)
-SELECT date_bin('5 minutes', occurred_at, timestamptz 'epoch'), name, coalesce(page, ''),
-       CASE WHEN value < $1 THEN $2 ELSE ceil(ln(value) / ln($3::float8))::int END, count(*)
-FROM metrics
-GROUP BY 1, 2, 3, 4
-"""
-METRICS_ROLLUP = """
-INSERT INTO rollup_metrics (bucket_start, name, page, count, sum, good, needs_improvement, poor)
-SELECT date_bin('5 minutes', occurred_at, timestamptz 'epoch'), name, coalesce(page, ''),
-       count(*), sum(value),
-       count(*) FILTER (WHERE rating = 'good'),
-       count(*) FILTER (WHERE rating = 'needs-improvement'),
-       count(*) FILTER (WHERE rating = 'poor')
-FROM metrics
-GROUP BY 1, 2, 3
-"""
-# The hourly, page-less sketch: the sum of the 5-minute rows per hour (what ingest keeps equal).
-BINS_HOURLY_ROLLUP = """
-INSERT INTO rollup_metric_bins_hourly (hour_start, name, bin, count)
-SELECT date_bin('1 hour', bucket_start, timestamptz 'epoch'), name, bin, sum(count)
-FROM rollup_metric_bins
-GROUP BY 1, 2, 3
-"""
-SESSIONS_ROLLUP = """
-INSERT INTO rollup_sessions (hour_start, session_id, user_id)
-SELECT date_bin('1 hour', occurred_at, timestamptz 'epoch'), session_id, max(user_id)
-FROM metrics
-GROUP BY 1, 2
-"""
-# Synthetic engagement and funnel rollups, sized like a busy day (10 event types x 20 pages).
-EVENTS_ROLLUP = """
-INSERT INTO rollup_events (bucket_start, event_type, page, count)
-SELECT b, 'event_' || t, '/page/' || p, 1 + (random() * 50)::int
-FROM generate_series(date_bin('5 minutes', $1::timestamptz, timestamptz 'epoch'), $2::timestamptz,
-                     interval '5 minutes') AS b,
-     generate_series(0, 9) AS t, generate_series(0, 19) AS p
-"""
-FUNNEL_ROLLUP = """
-INSERT INTO rollup_funnel (bucket_start, step, effect_id, count)
-SELECT b, s, 'fx-' || e, greatest(0, (200 - s * 20 + random() * 10)::int)
-FROM generate_series(date_bin('5 minutes', $1::timestamptz, timestamptz 'epoch'), $2::timestamptz,
-                     interval '5 minutes') AS b,
-     generate_series(1, 9) AS s, generate_series(0, 29) AS e
-"""
-
-
-def _value_pools(rng: random.Random, size: int = 65_536) -> dict[str, list[tuple[float, str | None]]]:
-    """Per metric, a pool of (value, rating) to draw rows from (keeps generation cheap)."""
-    pools: dict[str, list[tuple[float, str | None]]] = {}
-    for name, (_, median, sigma, zeros) in MIX.items():
-        values = [
-            0.0 if rng.random() < zeros else rng.lognormvariate(math.log(median), sigma) for _ in range(size)
-        ]
-        pools[name] = [(v, vitals.rate(name, v)) for v in values]
-    return pools
-
-
-def _rows(
-    start: int, count: int, sessions: int, now: datetime, pools: dict[str, list[tuple[float, str | None]]]
-) -> Iterator[tuple[Any, ...]]:
-    rng = random.Random(start)
-    names = list(MIX)
-    weights = [share for share, *_ in MIX.values()]
-    span = SPAN.total_seconds() - 1
-    chosen = rng.choices(names, weights, k=count)
-    mask = len(next(iter(pools.values()))) - 1
-    for i in range(count):
-        name = chosen[i]
-        value, rating = pools[name][rng.getrandbits(16) & mask]
-        session = rng.randrange(sessions)
-        # A session lives up to 30 minutes from a start spread over the span.
-        offset = min(span, (session * 7919 % sessions) / sessions * span + rng.random() * 1800)
-        yield (
-            name,
-            f"m{start + i}",
-            f"s{session}",
-            f"u{session}" if session % 2 else None,
-            value,
-            value,
-            rating,
-            "navigate",
-            PAGES[session % len(PAGES)],
-            now - timedelta(seconds=offset),
-        )
-
-
-async def _load(pool: asyncpg.Pool, rows: int, now: datetime) -> float:
-    """COPY `rows` metric rows; returns seconds."""
-    pools = _value_pools(random.Random(7))
-    sessions = max(1, rows // 20)
-    chunks = [(start, min(CHUNK, rows - start)) for start in range(0, rows, CHUNK)]
-    queue: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
-    for chunk in chunks:
-        queue.put_nowait(chunk)
-
-    async def copier() -> None:
-        async with pool.acquire() as conn:
-            while not queue.empty():
-                start, count = queue.get_nowait()
-                await conn.copy_records_to_table(
-                    "metrics",
-                    records=list(_rows(start, count, sessions, now, pools)),
-                    columns=COPY_COLUMNS,
-                    timeout=LONG,
-                )
-
-    started = time.perf_counter()
-    await asyncio.gather(*(copier() for _ in range(COPIERS)))
-    return time.perf_counter() - started
-
-
-async def _build_rollups(pool: asyncpg.Pool, now: datetime) -> dict[str, float]:
-    timings: dict[str, float] = {}
-    async with pool.acquire() as conn:
-        await conn.execute("SET work_mem = '256MB'")
-        await conn.execute("ANALYZE metrics", timeout=LONG)
-        for label, sql, args in (
-            ("rollup_metric_bins", BINS_ROLLUP, (sketch.MIN_VALUE, sketch.ZERO_BIN, sketch.GAMMA)),
-            ("rollup_metric_bins_hourly", BINS_HOURLY_ROLLUP, ()),
-            ("rollup_metrics", METRICS_ROLLUP, ()),
-            ("rollup_sessions", SESSIONS_ROLLUP, ()),
-            ("rollup_events", EVENTS_ROLLUP, (now - SPAN, now)),
-            ("rollup_funnel", FUNNEL_ROLLUP, (now - SPAN, now)),
-        ):
-            started = time.perf_counter()
-            await conn.execute(sql, *args, timeout=LONG)
-            timings[label] = round(time.perf_counter() - started, 2)
-        await conn.execute(
-            "ANALYZE rollup_metric_bins; ANALYZE rollup_metric_bins_hourly; ANALYZE rollup_metrics; "
-            "ANALYZE rollup_sessions; "
-            "ANALYZE rollup_events; ANALYZE rollup_funnel",
-            timeout=LONG,
-        )
-        await conn.execute("RESET work_mem")
-    return timings
 
 
 async def _query_ms(pool: asyncpg.Pool, sql: str, *args: Any) -> float:
@@ -253,21 +77,6 @@ async def _queries_24h_ms(pool: asyncpg.Pool) -> dict[str, float]:
     }
 
 
-def _percentiles(samples: list[float]) -> dict[str, float]:
-    ordered = sorted(samples)
-
-    def at(q: float) -> float:
-        return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
-
-    return {
-        "n": len(ordered),
-        "p50_ms": round(at(0.50) * 1000, 2),
-        "p99_ms": round(at(0.99) * 1000, 2),
-        "max_ms": round(ordered[-1] * 1000, 2),
-        "mean_ms": round(statistics.fmean(ordered) * 1000, 2),
-    }
-
-
 async def _start_service(schema: str) -> ServiceApp:
     settings = analytics_app.SETTINGS(
         database_url=DATABASE_URL,
@@ -299,10 +108,10 @@ async def run(scale: float = 1.0, cold_calls: int = 20, warm_calls: int = 500) -
     try:
         assert app.pool is not None
         now = datetime.now(UTC)
-        load_s = await _load(app.pool, rows, now)
+        load_s = await datagen.load_metrics(app.pool, rows, now, SPAN)
         result["copy_seconds"] = round(load_s, 2)
         result["copy_rows_per_second"] = round(rows / load_s)
-        result["rollup_seconds"] = await _build_rollups(app.pool, now)
+        result["rollup_seconds"] = await datagen.build_metric_rollups(app.pool, now, SPAN)
         result["rollup_rows"] = {
             table: await app.pool.fetchval(f"SELECT count(*) FROM {table}", timeout=LONG)
             for table in (
@@ -341,8 +150,8 @@ async def run(scale: float = 1.0, cold_calls: int = 20, warm_calls: int = 500) -
                 concurrent += 50
             throughput = concurrent / (time.perf_counter() - started)
             result[window] = {
-                "cold": _percentiles(cold),
-                "warm": _percentiles(warm),
+                "cold": datagen.percentiles(cold),
+                "warm": datagen.percentiles(warm),
                 "warm_rps_50_concurrent": round(throughput),
                 "lcp_samples": lcp.samples,
                 "lcp_p75": round(lcp.p75, 1),
@@ -361,17 +170,7 @@ async def run(scale: float = 1.0, cold_calls: int = 20, warm_calls: int = 500) -
     finally:
         await channel.close()
         await app.stop()
-        conn = await asyncpg.connect(DATABASE_URL)
-        try:
-            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        finally:
-            await conn.close()
-        client = aioredis.Redis.from_url(REDIS_URL)
-        try:
-            async for key in client.scan_iter(match=f"{schema}:*", count=1000):
-                await client.delete(key)
-        finally:
-            await client.aclose()
+        await datagen.drop(schema)
     return result
 
 

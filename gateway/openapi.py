@@ -255,7 +255,7 @@ def _responses(route: Route, access: Access, schemas: SchemaBuilder) -> Schema:
     responses: Schema = {"200": ok}
     if access is not Access.PUBLIC:
         responses["401"] = {"description": "No valid token.", "content": error}
-    if access is Access.ADMIN:
+    if access in (Access.ADMIN, Access.ADMIN_OR_SERVICE):
         responses["403"] = {"description": "A valid token without the admin role.", "content": error}
     responses["default"] = {
         "description": "An error: the gRPC status mapped to HTTP as Envoy does (API.md).",

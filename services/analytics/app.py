@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from pydantic import Field
@@ -33,7 +34,7 @@ ACCESS = {
     "RecordFunnelSteps": Access.PUBLIC,
     "GetFunnelReport": Access.ADMIN,
     "GetPerformanceDashboard": Access.ADMIN,
-    "RecordRevenue": Access.ADMIN,  # the payment side, never a browser (API.md)
+    "RecordRevenue": Access.ADMIN_OR_SERVICE,  # the payment side, never a browser (issue 11)
     "RecordTaskEnds": Access.INTERNAL,  # service token only: server facts from effects
     "GetEngagementReport": Access.ADMIN,
     "GetUserEngagement": Access.USER,  # the servicer lets a user read only their own
@@ -135,10 +136,18 @@ async def wire(app: ServiceApp) -> None:
         settings.analytics_dashboard_ttl_seconds,
         clock=app.clock,
     )
-    funnels = FunnelReports(
-        pool, await app.cache("funnel", **RAW_BYTES), settings.analytics_funnel_ttl_seconds
-    )
     business = await wire_business(app, settings, monitoring)
+
+    async def refresh_walks(since: datetime, until: datetime) -> object:
+        # Every changed day of the report's range, however recently it was pre-aggregated:
+        # a computed report (a cache miss) counts every step committed before it.
+        if await business.preagg.steps_current(since, until):
+            return None
+        return await business.preagg.run_once(min_age_seconds=0)
+
+    funnels = FunnelReports(
+        pool, await app.cache("funnel", **RAW_BYTES), settings.analytics_funnel_ttl_seconds, refresh_walks
+    )
     servicer = Servicer(
         committer,
         dashboard,

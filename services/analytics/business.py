@@ -131,7 +131,7 @@ async def wire_business(
         retention_days=retention,
         delay=timedelta(minutes=settings.analytics_report_delay_minutes),
         check_interval=settings.analytics_report_check_seconds,
-        refresh=preagg.run_once,
+        refresh=preagg.preflight,
     )
     app.run_in_background(reports.run_forever(), "analytics-weekly-reports")
     live = LiveDashboard(
@@ -142,9 +142,9 @@ async def wire_business(
     )
     app.on_shutdown(live.close)
     return Business(
-        engagement=EngagementReports(pool, cache, ttl, preagg.run_once),
+        engagement=EngagementReports(pool, cache, ttl, preagg.preflight),
         attribution=AttributionReports(
-            pool, cache, ttl, parse_rates(settings.analytics_runninghub_coin_rates), preagg.run_once
+            pool, cache, ttl, parse_rates(settings.analytics_runninghub_coin_rates), preagg.preflight
         ),
         reports=reports,
         live=live,

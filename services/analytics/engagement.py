@@ -5,8 +5,9 @@ one row per UTC day and identified user, never from raw events.
 
 Definitions
 -----------
-* **Active**: a user (non-empty ``userId``) with at least one engagement event
-  or funnel step on a UTC day. Anonymous sessions are not users.
+* **Active**: a user (non-empty ``userId``) with at least one engagement event,
+  funnel step or effect task end (server fact) on a UTC day. Anonymous
+  sessions are not users.
 * **Window**: ``7d`` or ``30d`` is the 7 or 30 UTC days ending today (today,
   still running, included). ``as_of_day`` is today.
 * **DAU** (``dau``): the average over the window's days of the day's active
@@ -31,10 +32,17 @@ component     weight  counted from
 ============  ======  ==========================================================
 events        1       engagement events (any ``eventType``), at most 50 a day
 uploads       2       funnel step ``image_uploaded``
-effect_runs   5       funnel step ``processing_completed``
+effect_runs   5       effect tasks that ended ``SUCCEEDED`` (server facts)
 downloads     3       funnel step ``result_downloaded``
 shares        8       funnel step ``result_shared``
 ============  ======  ==========================================================
+
+Effect runs are server facts: the task ends the effects service reports
+(``RecordTaskEnds``, service token only), so a browser cannot inflate them. On
+a day the server reported no task end of the user at all (effects not yet
+reporting, or its bounded buffer dropped them), the browser's
+``processing_completed`` funnel steps count instead; never both, so a run is
+not counted twice.
 
 Each component's ``points`` is its part of the score after the decay; the score
 is their sum rounded to 2 decimals. ``percentile`` is the share (0..100) of the
@@ -59,6 +67,7 @@ import asyncpg
 from cosnap.analytics.v1 import analytics_pb2
 from services.analytics.preagg import Preflight
 from services.servicekit.cache import MultiLevelCache, get_or_load_message
+from services.servicekit.db import Connection
 from services.servicekit.errors import invalid_argument
 
 WINDOW_DAYS: Final = {"7d": 7, "30d": 30}
@@ -80,15 +89,18 @@ MAX_OFFSET: Final = 10_000_000
 
 _COUNTS = ", ".join(f"sum({col})::bigint AS {name}_n" for name, col, _ in WEIGHTS)
 _POINTS = ", ".join(
-    f"sum({col} * {weight} * power(0.5, ($2::date - day) / {HALF_LIFE_DAYS}))::float8 AS {name}_p"
+    # float8 arithmetic, the day's decay computed once per day (``decay``), not per row.
+    f"sum({col} * {weight}::float8 * decay.f)::float8 AS {name}_p"
     for name, col, weight in WEIGHTS
 )
 _TOTAL = " + ".join(f"{name}_p" for name, _, _ in WEIGHTS)
 _SCORES_CTE = f"""
 per_user AS (
-    SELECT user_id, count(*)::int AS active_days, max(day) AS last_day, {_COUNTS}, {_POINTS}
-    FROM engagement_daily
-    WHERE day >= $1 AND day <= $2 {{user_filter}}
+    SELECT user_id, count(*)::int AS active_days, max(e.day) AS last_day, {_COUNTS}, {_POINTS}
+    FROM engagement_daily e
+    JOIN (SELECT d::date AS day, power(0.5::float8, ($2::date - d::date)::float8 / {HALF_LIFE_DAYS}::float8) AS f
+          FROM generate_series($1::date, $2::date, interval '1 day') AS d) decay ON decay.day = e.day
+    WHERE e.day >= $1 AND e.day <= $2 {{user_filter}}
     GROUP BY user_id
 ), s AS MATERIALIZED (
     SELECT *, round(({_TOTAL})::numeric, 2)::float8 AS score FROM per_user
@@ -96,8 +108,7 @@ per_user AS (
 _COLUMNS = ", ".join(f"{name}_n, {name}_p" for name, _, _ in WEIGHTS)
 
 # One statement: the summary row (kind 0) and the page of top users (kind 1).
-_REPORT_SQL = f"""
-WITH {_SCORES_CTE.format(user_filter="")}
+_REPORT_BODY = f"""
 SELECT 0 AS kind, NULL::text AS user_id, NULL::int AS active_days, NULL::date AS last_day,
        {", ".join(f"NULL::bigint AS {n}_n, NULL::float8 AS {n}_p" for n, _, _ in WEIGHTS)},
        NULL::float8 AS score, NULL::float8 AS percentile,
@@ -107,25 +118,62 @@ SELECT 0 AS kind, NULL::text AS user_id, NULL::int AS active_days, NULL::date AS
             WITHIN GROUP (ORDER BY score) FROM s) AS deciles
 UNION ALL
 (SELECT 1, user_id, active_days, last_day, {_COLUMNS}, score,
-        100.0 * (count(*) OVER () - rank() OVER (ORDER BY score DESC)
-                 - (count(*) OVER (PARTITION BY score) - 1))
-            / count(*) OVER () AS percentile,
+        -- the share of users with a strictly lower score, for the page's rows only
+        100.0 * (SELECT count(*) FROM s lower WHERE lower.score < page.score) / (SELECT count(*) FROM s),
         NULL, NULL, NULL
- FROM s ORDER BY score DESC, user_id LIMIT $3 OFFSET $4)
+ FROM (SELECT * FROM s ORDER BY score DESC, user_id LIMIT {{limit}} OFFSET {{offset}}) page
+ ORDER BY score DESC, user_id)
+"""
+_REPORT_SQL = f"WITH {_SCORES_CTE.format(user_filter='')}" + _REPORT_BODY.format(limit="$3", offset="$4")
+# The same from the scores the pass stored: $1 window, $2 limit, $3 offset.
+_STORED = "s AS (SELECT * FROM engagement_scores WHERE window_name = $1)"
+_REPORT_STORED_SQL = f"WITH {_STORED}" + _REPORT_BODY.format(limit="$2", offset="$3")
+_AS_OF_SQL = "SELECT as_of FROM engagement_scores_as_of WHERE window_name = $1"
+_STORE_SQL = f"""
+INSERT INTO engagement_scores (window_name, user_id, active_days, last_day, {_COLUMNS}, score)
+WITH {_SCORES_CTE.format(user_filter="")}
+SELECT $3, user_id, active_days, last_day, {_COLUMNS}, score FROM s
 """
 # The window wide figures: active users per day, WAU and MAU (today's 7 and 30 days).
 _ACTIVE_SQL = """
 SELECT (SELECT coalesce(json_object_agg(day, n), '{}'::json)::text FROM
             (SELECT day, count(*) AS n FROM engagement_daily WHERE day >= $1 AND day <= $2 GROUP BY day) d)
            AS daily,
-       (SELECT count(DISTINCT user_id) FROM engagement_daily WHERE day > $2 - 7 AND day <= $2)::bigint AS wau,
-       (SELECT count(DISTINCT user_id) FROM engagement_daily WHERE day > $2 - 30 AND day <= $2)::bigint AS mau
+       (SELECT count(*) FROM (SELECT DISTINCT user_id FROM engagement_daily
+                              WHERE day > $2 - 7 AND day <= $2) w)::bigint AS wau,
+       (SELECT count(*) FROM (SELECT DISTINCT user_id FROM engagement_daily
+                              WHERE day > $2 - 30 AND day <= $2) m)::bigint AS mau
 """
 _USER_SQL = f"""
 WITH {_SCORES_CTE.format(user_filter="")}
 SELECT u.*, 100.0 * (SELECT count(*) FROM s WHERE s.score < u.score) / (SELECT count(*) FROM s) AS percentile
 FROM s u WHERE u.user_id = $3
 """
+_USER_STORED_SQL = f"""
+WITH {_STORED}
+SELECT u.*, 100.0 * (SELECT count(*) FROM s WHERE s.score < u.score) / (SELECT count(*) FROM s) AS percentile
+FROM s u WHERE u.user_id = $2
+"""
+
+
+async def store_scores(conn: Connection, today: date) -> None:
+    """Every window's scores as of ``today``, for the reports to read (the pre-aggregation
+    pass calls it after refreshing ``engagement_daily``; one transaction)."""
+    async with conn.transaction():
+        await conn.execute("SET LOCAL work_mem = '64MB'; SET LOCAL jit = off")
+        for window, days in WINDOW_DAYS.items():
+            await conn.execute("DELETE FROM engagement_scores WHERE window_name = $1", window)
+            await conn.execute(_STORE_SQL, today - timedelta(days=days - 1), today, window)
+            await conn.execute(
+                "INSERT INTO engagement_scores_as_of (window_name, as_of) VALUES ($1, $2)"
+                " ON CONFLICT (window_name) DO UPDATE SET as_of = excluded.as_of",
+                window,
+                today,
+            )
+
+
+async def scores_as_of(conn: Connection) -> dict[str, date]:
+    return {r["window_name"]: r["as_of"] for r in await conn.fetch("SELECT * FROM engagement_scores_as_of")}
 
 
 @dataclass(frozen=True)
@@ -273,8 +321,12 @@ class EngagementReports:
         if self._refresh is not None:
             await self._refresh()
         async with self._pool.acquire() as conn, conn.transaction(readonly=True, isolation="repeatable_read"):
-            await conn.execute("SET LOCAL work_mem = '64MB'")
-            rows = await conn.fetch(_REPORT_SQL, s.first, s.last, size + 1, offset)
+            # jit off: compiling these plans costs more (~90 ms) than it saves at this size.
+            await conn.execute("SET LOCAL work_mem = '64MB'; SET LOCAL jit = off")
+            if await conn.fetchval(_AS_OF_SQL, s.window) == s.last:
+                rows = await conn.fetch(_REPORT_STORED_SQL, s.window, size + 1, offset)
+            else:  # the pass has not stored today's scores yet
+                rows = await conn.fetch(_REPORT_SQL, s.first, s.last, size + 1, offset)
             active = await conn.fetchrow(_ACTIVE_SQL, s.first, s.last)
         assert active is not None  # an aggregate query returns one row
         summary = next(r for r in rows if r["kind"] == 0)
@@ -311,8 +363,12 @@ class EngagementReports:
         if self._refresh is not None:
             await self._refresh()
         async with self._pool.acquire() as conn, conn.transaction(readonly=True):
-            await conn.execute("SET LOCAL work_mem = '64MB'")
-            row = await conn.fetchrow(_USER_SQL, s.first, s.last, user_id)
+            # jit off: compiling these plans costs more (~90 ms) than it saves at this size.
+            await conn.execute("SET LOCAL work_mem = '64MB'; SET LOCAL jit = off")
+            if await conn.fetchval(_AS_OF_SQL, s.window) == s.last:
+                row = await conn.fetchrow(_USER_STORED_SQL, s.window, user_id)
+            else:
+                row = await conn.fetchrow(_USER_SQL, s.first, s.last, user_id)
         response = analytics_pb2.GetUserEngagementResponse(window=s.window)
         response.generated_at.FromDatetime(now)
         if row is None:

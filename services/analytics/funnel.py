@@ -37,7 +37,17 @@ of ``t_k - t_(k-1)`` in seconds over the sessions that reached step k.
 its previous step, ties to the higher drop-off rate and then the earlier step;
 empty when no step lost any session.
 
-Implementation: one statement. The window's rows are read once into a
+Pre-aggregation: with a ``refresh`` (the service's), reports are read from
+``funnel_walks`` (``services/analytics/funnel_walks.py``: the same answers,
+without reading the raw steps). Before reading, the days the report can see
+(window start to now + conversion window) are checked against the ingest's
+exact per-bucket step counts (``rollup_funnel``); when any moved since it was
+walked, a pre-aggregation pass re-walks the changed days first. So a computed
+report counts every step committed before it, as the raw computation does;
+the report cache's TTL is the only staleness. ``funnel_between`` below stays
+the reference computation from the raw rows.
+
+Implementation of the raw computation: one statement. The window's rows are read once into a
 materialized CTE, then nine set-based steps (``t1`` .. ``t9``) each join the
 sessions that reached the previous step with that step's rows (a hash join on
 ``session_id`` and a ``min``), so the work is linear in the number of rows of
@@ -47,11 +57,13 @@ comes back to Python.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
 from cosnap.analytics.v1 import analytics_pb2
+from services.analytics.funnel_walks import funnel_from_walks
 from services.analytics.vitals import FUNNEL_STEPS
 from services.analytics.windows import (
     DEFAULT_FUNNEL_WINDOW,
@@ -116,10 +128,19 @@ class FunnelReports:
     (window, conversion window, effect) and TTL. ``computations`` counts them.
     """
 
-    def __init__(self, pool: asyncpg.Pool, cache: MultiLevelCache[bytes], ttl_seconds: float) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        cache: MultiLevelCache[bytes],
+        ttl_seconds: float,
+        refresh: Callable[[datetime, datetime], Awaitable[object]] | None = None,
+    ) -> None:
+        """``refresh(since, until)`` brings the pre-aggregated walks of those days up to
+        date; without it reports are computed from the raw steps."""
         self._pool = pool
         self._cache = cache
         self._ttl = ttl_seconds
+        self._refresh = refresh
         self.computations = 0
 
     async def get(
@@ -129,7 +150,11 @@ class FunnelReports:
 
         async def load() -> analytics_pb2.GetFunnelReportResponse:
             self.computations += 1
-            return await funnel_report(self._pool, window, conversion, effect_id)
+            if self._refresh is None:
+                return await funnel_report(self._pool, window, conversion, effect_id)
+            now = datetime.now(UTC)
+            await self._refresh(now - window.length, now + conversion.length)
+            return await funnel_report(self._pool, window, conversion, effect_id, funnel_from_walks, now)
 
         return await get_or_load_message(
             self._cache,
@@ -171,12 +196,23 @@ async def funnel_between(
     return {int(r["step"]): (int(r["sessions"]), r["median"]) for r in rows}
 
 
+Counts = Callable[
+    [asyncpg.Pool, datetime, datetime, timedelta, str], Awaitable[dict[int, tuple[int, float | None]]]
+]
+
+
 async def funnel_report(
-    pool: asyncpg.Pool, window: Window, conversion: Window, effect_id: str
+    pool: asyncpg.Pool,
+    window: Window,
+    conversion: Window,
+    effect_id: str,
+    counts: Counts | None = None,
+    now: datetime | None = None,
 ) -> analytics_pb2.GetFunnelReportResponse:
-    """The ordered funnel over `window`, see the module docstring; `effect_id` "" for all."""
-    now = datetime.now(UTC)
-    by_step = await funnel_between(pool, now - window.length, now, conversion.length, effect_id)
+    """The ordered funnel over `window`, see the module docstring; `effect_id` "" for all;
+    `counts` the per-step figures' source (the raw computation by default)."""
+    now = now or datetime.now(UTC)
+    by_step = await (counts or funnel_between)(pool, now - window.length, now, conversion.length, effect_id)
 
     response = analytics_pb2.GetFunnelReportResponse(
         window=window.text, conversion_window=conversion.text, effect_id=effect_id

@@ -9,13 +9,16 @@ Sources (all UTC):
 * traffic: events per day (``rollup_events``), active users per day and
   distinct over the week (``engagement_daily``);
 * funnel: the ordered funnel (``funnel.py``) of attempts started in each week
-  (conversion window 24 h), steps 1 to 7 (processing completed);
-* API latency p95 and error rate per endpoint, cache hit rates and open alerts:
-  monitoring's ``GetServiceSummary``. Monitoring answers for a window ending
-  now, so these sections are filled only when the report is made within a day
-  of the week's end (the scheduled Monday run), over ``[week start, now]``;
-  otherwise, or when monitoring does not answer, they are listed in
-  ``unavailable`` with the reason and the report is made without them.
+  (conversion window 24 h), steps 1 to 7 (processing completed), read from the
+  pre-aggregated walks (``funnel_walks.py``; the report refreshes them first);
+* API latency p95 and error rate per endpoint, cache hit rates, alerts opened
+  and resolved per severity within the week, and alerts open when the report is
+  made: monitoring's ``GetServiceSummary`` asked for the week itself
+  (``end`` = the week's end, ``window`` = 7 days), so any past week has them
+  as long as monitoring keeps its rollups (``monitoring_rollup_retention_days``).
+  When monitoring is not configured, does not answer, or refuses the window
+  (older than its retention), these sections are listed in ``unavailable``
+  with the reason and the report is made without them.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import grpc
 
 from cosnap.monitoring.v1 import monitoring_pb2, monitoring_pb2_grpc
 from services.analytics import sketch
-from services.analytics.funnel import funnel_between
+from services.analytics.funnel_walks import funnel_from_walks
 from services.analytics.vitals import FUNNEL_STEPS, rate
 from services.analytics.weeks import Week
 
@@ -39,7 +42,8 @@ log = logging.getLogger(__name__)
 REPORT_VITALS = ("LCP", "INP", "CLS", "FCP", "TTFB")
 FUNNEL_LAST_STEP = 7  # processing_completed: the effect ran
 CONVERSION_WINDOW = timedelta(hours=24)
-MONITORING_FRESHNESS = timedelta(days=1)
+MONITORING_SECTIONS = ("apiLatency", "cacheHitRates", "alerts")
+SEVERITIES = ("critical", "error", "warning")
 
 _BINS_SQL = """
 SELECT (hour_start AT TIME ZONE 'UTC')::date AS day, name, bin, sum(count)::bigint AS n
@@ -108,6 +112,13 @@ class Cache:
 
 
 @dataclass
+class AlertActivity:
+    severity: str  # "warning", "error" or "critical"
+    opened: int  # first seen within the week
+    resolved: int  # resolved within the week
+
+
+@dataclass
 class FunnelStep:
     name: str
     sessions: int
@@ -128,7 +139,8 @@ class WeeklyData:
     funnel: list[FunnelStep]
     endpoints: list[Endpoint] = field(default_factory=list)
     caches: list[Cache] = field(default_factory=list)
-    open_alerts: tuple[int, int, int] | None = None  # warning, error, critical
+    open_alerts: tuple[int, int, int] | None = None  # warning, error, critical; at report time
+    alerts: list[AlertActivity] | None = None  # opened / resolved within the week, per severity
     monitoring_span: tuple[datetime, datetime] | None = None
     unavailable: dict[str, str] = field(default_factory=dict)  # section -> why
 
@@ -166,8 +178,8 @@ async def gather(
         }
         weekly_users = await conn.fetchval(_WEEKLY_USERS_SQL, week.start.date(), week.end.date())
         previous_users = await conn.fetchval(_WEEKLY_USERS_SQL, previous.start.date(), week.start.date())
-    this_funnel = await funnel_between(pool, week.start, week.end, CONVERSION_WINDOW)
-    last_funnel = await funnel_between(pool, previous.start, previous.end, CONVERSION_WINDOW)
+    this_funnel = await funnel_from_walks(pool, week.start, week.end, CONVERSION_WINDOW)
+    last_funnel = await funnel_from_walks(pool, previous.start, previous.end, CONVERSION_WINDOW)
 
     per_day: dict[tuple[str, date], dict[int, int]] = defaultdict(dict)
     per_week: dict[tuple[str, bool], dict[int, int]] = defaultdict(lambda: defaultdict(int))
@@ -208,38 +220,36 @@ async def gather(
             for i, name in enumerate(FUNNEL_STEPS[:FUNNEL_LAST_STEP], start=1)
         ],
     )
-    await _monitoring(data, now, monitoring, monitoring_timeout)
+    await _monitoring(data, monitoring, monitoring_timeout)
     return data
 
 
 async def _monitoring(
     data: WeeklyData,
-    now: datetime,
     monitoring: monitoring_pb2_grpc.MonitoringServiceAsyncStub | None,
     timeout: float,
 ) -> None:
-    sections = ("apiLatency", "cacheHitRates", "alerts")
     week = data.week
     if monitoring is None:
-        data.unavailable.update(dict.fromkeys(sections, "monitoring is not configured"))
-        return
-    if now - week.end > MONITORING_FRESHNESS or now < week.end:
-        why = "monitoring answers for windows ending now; this report was made more than a day after the week"
-        data.unavailable.update(dict.fromkeys(sections, why))
+        data.unavailable.update(dict.fromkeys(MONITORING_SECTIONS, "monitoring is not configured"))
         return
     request = monitoring_pb2.GetServiceSummaryRequest()
-    request.window.FromTimedelta(now - week.start)
+    request.window.FromTimedelta(week.end - week.start)
+    request.end.FromDatetime(week.end)
     try:
         summary = await monitoring.GetServiceSummary(request, timeout=timeout)
     except grpc.aio.AioRpcError as exc:
         log.warning("monitoring summary unavailable", extra={"code": exc.code().name})
-        data.unavailable.update(dict.fromkeys(sections, f"monitoring did not answer ({exc.code().name})"))
+        why = f"monitoring did not answer ({exc.code().name})"
+        if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+            why = f"monitoring refused the week ({exc.details()}); it may be older than monitoring keeps"
+        data.unavailable.update(dict.fromkeys(MONITORING_SECTIONS, why))
         return
     except Exception as exc:  # a closed channel or the like: the report goes on without it
         log.warning("monitoring summary failed", extra={"error": repr(exc)})
-        data.unavailable.update(dict.fromkeys(sections, "monitoring did not answer"))
+        data.unavailable.update(dict.fromkeys(MONITORING_SECTIONS, "monitoring did not answer"))
         return
-    data.monitoring_span = (week.start, now)
+    data.monitoring_span = (week.start, week.end)
     data.endpoints = [
         Endpoint(e.service, e.endpoint, e.requests, e.p95_ms, e.errors / e.requests if e.requests else 0.0)
         for e in summary.endpoints
@@ -250,3 +260,12 @@ async def _monitoring(
         summary.open_error_alerts,
         summary.open_critical_alerts,
     )
+    activity = {a.severity: a for a in summary.alert_activity}
+    data.alerts = [
+        AlertActivity(
+            severity,
+            activity[severity].opened if severity in activity else 0,
+            activity[severity].resolved if severity in activity else 0,
+        )
+        for severity in SEVERITIES
+    ]

@@ -46,6 +46,7 @@ GOOD, AMBER, POOR = "#0cce6b", "#ffa400", "#ff4e42"
 INK, MUTED, FAINT = "#202124", "#5f6368", "#e8eaed"
 ACCENT, PREVIOUS = "#1a73e8", "#bdc1c6"
 DASH = "\u2013"
+SEVERITY_COLOURS = {"critical": POOR, "error": "#e37400", "warning": AMBER}
 RATING_COLOURS = {"good": GOOD, "needs-improvement": AMBER, "poor": POOR, "": MUTED}
 A4_LANDSCAPE = (11.69, 8.27)
 
@@ -306,11 +307,11 @@ def _page_two(data: WeeklyData) -> Figure:
         ax.set_title("API latency · p95 per endpoint", loc="left", fontsize=11, fontweight="bold", color=INK)
 
     # Cache hit rates against the 60 % alert level.
-    ax = fig.add_axes((0.6, 0.08, 0.34, 0.36))
+    ax = fig.add_axes((0.58, 0.08, 0.21, 0.36))
     if "cacheHitRates" in data.unavailable:
-        _unavailable(ax, "Cache hit rates", data.unavailable["cacheHitRates"])
+        _unavailable(ax, "Cache hit rates", data.unavailable["cacheHitRates"], width=30)
     else:
-        caches = [c for c in data.caches if c.hits + c.misses][:10]
+        caches = [c for c in data.caches if c.hits + c.misses][:6]
         if caches:
             xs = list(range(len(caches)))
             ax.bar(
@@ -326,8 +327,28 @@ def _page_two(data: WeeklyData) -> Figure:
             for x, c in zip(xs, caches, strict=True):
                 ax.text(x, c.hit_rate + 0.02, f"{c.hit_rate:.0%}", ha="center", fontsize=7, color=INK)
         else:
-            _unavailable(ax, "Cache hit rates", "no cache traffic recorded")
+            _unavailable(ax, "Cache hit rates", "no cache traffic recorded", width=30)
         ax.set_title("Cache hit rates", loc="left", fontsize=11, fontweight="bold", color=INK)
+
+    # Alerts opened and resolved within the week, per severity.
+    ax = fig.add_axes((0.84, 0.08, 0.13, 0.36))
+    if data.alerts is None:
+        _unavailable(ax, "Alerts", data.unavailable.get("alerts", "no figures"), width=22)
+    else:
+        xs = list(range(len(data.alerts)))
+        colours = [SEVERITY_COLOURS.get(a.severity, MUTED) for a in data.alerts]
+        ax.bar([x - 0.2 for x in xs], [a.opened for a in data.alerts], width=0.38, color=colours)
+        ax.bar([x + 0.2 for x in xs], [a.resolved for a in data.alerts], width=0.38, color=PREVIOUS)
+        for x, a in zip(xs, data.alerts, strict=True):
+            ax.text(x - 0.2, a.opened, f"{a.opened}", ha="center", va="bottom", fontsize=7, color=INK)
+            ax.text(x + 0.2, a.resolved, f"{a.resolved}", ha="center", va="bottom", fontsize=7, color=MUTED)
+        ax.set_xticks(xs, [a.severity for a in data.alerts], fontsize=7)
+        top = max([1, *(a.opened for a in data.alerts), *(a.resolved for a in data.alerts)])
+        ax.set_ylim(0, top * 1.25)
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.tick_params(axis="y", labelsize=7)
+        ax.set_title("Alerts this week", loc="left", fontsize=11, fontweight="bold", color=INK)
+        ax.text(0, -0.16, "colour: opened · grey: resolved", transform=ax.transAxes, fontsize=7, color=MUTED)
     if data.open_alerts is not None:
         warning, error, critical = data.open_alerts
         fig.text(
@@ -340,7 +361,7 @@ def _page_two(data: WeeklyData) -> Figure:
     return fig
 
 
-def _unavailable(ax: matplotlib.axes.Axes, what: str, why: str) -> None:
+def _unavailable(ax: matplotlib.axes.Axes, what: str, why: str, width: int = 60) -> None:
     ax.set_axis_off()
     ax.text(
         0.0,
@@ -351,7 +372,7 @@ def _unavailable(ax: matplotlib.axes.Axes, what: str, why: str) -> None:
         color=MUTED,
         transform=ax.transAxes,
     )
-    for i, chunk in enumerate(_wrap(why, 60)):
+    for i, chunk in enumerate(_wrap(why, width)):
         ax.text(0.0, 0.45 - i * 0.08, chunk, fontsize=8, color=MUTED, transform=ax.transAxes)
 
 
@@ -401,6 +422,10 @@ def _html(data: WeeklyData, lines: list[str], svgs: list[str]) -> str:
         f"<td>{e(fmt_ms(x.p95_ms))}</td><td>{x.error_rate:.2%}</td></tr>"
         for x in sorted(data.endpoints, key=lambda x: -x.p95_ms)
     )
+    alerts = "".join(
+        f"<tr><td>{e(a.severity)}</td><td>{a.opened}</td><td>{a.resolved}</td></tr>"
+        for a in data.alerts or []
+    )
     missing = "".join(f"<li><b>{e(k)}</b>: {e(v)}</li>" for k, v in data.unavailable.items())
     funnel = "".join(
         f"<tr><td>{e(s.name)}</td><td>{fmt_count(s.sessions)}</td><td>{fmt_count(s.previous_sessions)}</td>"
@@ -429,6 +454,8 @@ td:first-child,th:first-child{{text-align:left}}
 <table><tr><th>step</th><th>sessions</th><th>last week</th><th>change</th></tr>{funnel}</table>
 <h2>API endpoints</h2>
 {f"<table><tr><th>service</th><th>endpoint</th><th>requests</th><th>p95</th><th>errors</th></tr>{endpoints}</table>" if endpoints else "<p>No endpoint figures.</p>"}
+<h2>Alerts this week</h2>
+{f"<table><tr><th>severity</th><th>opened</th><th>resolved</th></tr>{alerts}</table>" if alerts else "<p>No alert figures.</p>"}
 {f"<h2>Not in this report</h2><ul>{missing}</ul>" if missing else ""}
 </body></html>
 """

@@ -135,6 +135,22 @@ def findings(data: WeeklyData) -> list[Finding]:
                 f"(below {CACHE_HIT_NOTICE:.0%}).",
             )
         )
+    if data.alerts is not None:
+        opened = sum(a.opened for a in data.alerts)
+        resolved = sum(a.resolved for a in data.alerts)
+        critical_opened = sum(a.opened for a in data.alerts if a.severity == "critical")
+        if opened or resolved:
+            per = ", ".join(f"{a.opened} {a.severity}" for a in data.alerts if a.opened)
+            out.append(
+                Finding(
+                    4 + critical_opened * 3,
+                    f"{opened} alert(s) opened this week"
+                    + (f" ({per})" if per else "")
+                    + f", {resolved} resolved.",
+                )
+            )
+        else:
+            out.append(Finding(0.2, "No alert was opened or resolved this week."))
     if data.open_alerts is not None:
         warning, error, critical = data.open_alerts
         total = warning + error + critical

@@ -33,6 +33,7 @@ class Access(enum.Enum):
     USER = "user"  # any valid token
     ADMIN = "admin"  # a valid token with role admin
     INTERNAL = "internal"  # a `service` token only; never routed by the edge
+    ADMIN_OR_SERVICE = "admin_or_service"  # role admin, or another service's `service` token
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,8 @@ def authorize(access: Access, principal: Principal | None) -> None:
         raise AuthError("authentication required")
     if access is Access.ADMIN and not principal.is_admin:
         raise AuthError("admin role required", denied=True)
+    if access is Access.ADMIN_OR_SERVICE and not (principal.is_admin or principal.is_service):
+        raise AuthError("admin role or service token required", denied=True)
     if access is Access.INTERNAL and not principal.is_service:
         raise AuthError("service token required", denied=True)
 

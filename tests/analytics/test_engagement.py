@@ -4,13 +4,15 @@ from the documented formula (services/analytics/engagement.py)."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import grpc
 import pytest
 
 from cosnap.analytics.v1 import analytics_pb2
+from services.servicekit.auth import issue_token
 from services.servicekit.errors import bad_request_violations
 from services.servicekit.server import ServiceApp
 from tests.analytics.business_support import (
@@ -24,7 +26,9 @@ from tests.analytics.business_support import (
     today,
 )
 from tests.conftest import StartService
+from tests.support import JWT_SECRET
 
+SERVICE = (("authorization", f"Bearer {issue_token(JWT_SECRET, 'effects', role='service')}"),)
 D = 2 ** (-1 / 7)  # one day of decay (half-life 7 days)
 
 
@@ -244,3 +248,74 @@ async def test_through_the_edge(client: Client, start_edge: Callable[..., object
             assert resp.status == 403
         async with http.get(f"{base}/api/analytics/engagement?window=2d", headers=admin) as resp:
             assert resp.status == 400
+
+
+async def task_ends(c: Client, user: str, at: datetime, *statuses: str) -> None:
+    """Server facts as the effects service records them (RecordTaskEnds, service token)."""
+    request = analytics_pb2.RecordTaskEndsRequest()
+    for status in statuses:
+        t = request.task_ends.add(
+            task_id=f"t-{uuid.uuid4().hex}", effect_id="fx", user_id=user, status=status, cost_seconds=3
+        )
+        t.timestamp.FromDatetime(at)
+    reply = await c.stub.RecordTaskEnds(request, metadata=SERVICE, timeout=10)
+    assert reply.accepted == len(statuses)
+
+
+async def test_effect_runs_are_counted_from_server_facts(client: Client) -> None:
+    t = today()
+    # srv: the server saw 2 succeeded runs and 1 failed one today; the browser claims 5 runs.
+    await task_ends(client, "srv", day_at(t, 1), "SUCCEEDED", "SUCCEEDED", "FAILED")
+    await client.steps("srv", day_at(t, 1), "processing_completed", 5)
+    # brw: yesterday the browser reported 2 runs, the server none of that user (fallback).
+    await client.steps("brw", day_at(t - timedelta(days=1)), "processing_completed", 2)
+    # fail: the server reported only a failed task today; the browser claims a run: no run.
+    await task_ends(client, "fail", day_at(t, 2), "FAILED")
+    await client.steps("fail", day_at(t, 2), "processing_completed")
+    # quiet: a succeeded task and nothing from the browser: still an active user.
+    await task_ends(client, "quiet", day_at(t, 3), "SUCCEEDED")
+
+    r = await report(client, window="7d")
+    runs = {u.user_id: {p.name: p.count for p in u.components}["effect_runs"] for u in r.top_users}
+    assert runs == {"srv": 2, "brw": 2, "fail": 0, "quiet": 1}
+    scores = {u.user_id: u.score for u in r.top_users}
+    assert scores == {"srv": 10.0, "brw": round(10 * D, 2), "fail": 0.0, "quiet": 5.0}
+    assert r.active_users == 4
+
+    # A task end arriving late for an aggregated day: that day is recomputed, the server wins.
+    await task_ends(client, "brw", day_at(t - timedelta(days=1), 5), "SUCCEEDED")
+    r = await report(client, window="7d")
+    runs = {u.user_id: {p.name: p.count for p in u.components}["effect_runs"] for u in r.top_users}
+    assert runs["brw"] == 1
+
+
+async def test_stored_scores_equal_the_live_computation(client: Client) -> None:
+    """The scores the pass stores (read by the reports) are the ones computed from the days."""
+    from services.analytics import engagement
+
+    await build_journeys(client)
+    await report(client)  # a pass: days and today's scores stored
+    assert client.app.pool is not None
+    async with client.app.pool.acquire() as conn:
+        for window in ("7d", "30d"):
+            s = engagement.span(window, datetime.now(UTC))
+            assert await conn.fetchval(engagement._AS_OF_SQL, window) == s.last
+            for size, offset in ((2, 0), (2, 2), (10, 0)):
+                live = await conn.fetch(engagement._REPORT_SQL, s.first, s.last, size, offset)
+                stored = await conn.fetch(engagement._REPORT_STORED_SQL, window, size, offset)
+                assert [dict(r) for r in stored] == [dict(r) for r in live]
+                assert len(live) == 1 + min(size, max(0, (5 if window == "30d" else 4) - offset))
+            for user in ("u1", "u4", "nobody"):
+                live_user = await conn.fetchrow(engagement._USER_SQL, s.first, s.last, user)
+                stored_user = await conn.fetchrow(engagement._USER_STORED_SQL, window, user)
+                if live_user is None:
+                    assert stored_user is None and (user, window) in {
+                        ("nobody", "7d"),
+                        ("nobody", "30d"),
+                        ("u4", "7d"),
+                    }
+                else:
+                    assert stored_user is not None
+                    assert {k: v for k, v in dict(stored_user).items() if k != "window_name"} == dict(
+                        live_user
+                    )

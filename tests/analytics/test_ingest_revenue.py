@@ -89,16 +89,32 @@ async def test_revenue_is_stored_exactly_once_per_order(
     assert total["s"] == Decimal("3.00")
 
 
-async def test_revenue_needs_an_admin_token(stub: analytics_pb2_grpc.AnalyticsServiceStub) -> None:
-    request = analytics_pb2.RecordRevenueRequest(
-        revenue=[analytics_pb2.Revenue(order_id=uid("o"), user_id="u", amount="1", currency="USD")]
-    )
+async def test_revenue_needs_an_admin_or_a_service_token(
+    app: ServiceApp, stub: analytics_pb2_grpc.AnalyticsServiceStub
+) -> None:
+    """Issue 11: admin or service token (the payment side); a user token, even one whose
+    subject is the revenue's user, and no token are refused, and nothing is stored."""
+
+    def request() -> analytics_pb2.RecordRevenueRequest:
+        return analytics_pb2.RecordRevenueRequest(
+            revenue=[analytics_pb2.Revenue(order_id=uid("o"), user_id="user-1", amount="1", currency="USD")]
+        )
+
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await stub.RecordRevenue(request)
+        await stub.RecordRevenue(request())
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await stub.RecordRevenue(request, metadata=auth(USER))
+        await stub.RecordRevenue(request(), metadata=auth(USER))
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert await fetch(app, "SELECT 1 FROM revenue") == []
+
+    by_admin, by_service = request(), request()
+    assert (await stub.RecordRevenue(by_admin, metadata=auth(ADMIN))).accepted == 1
+    assert (await stub.RecordRevenue(by_service, metadata=auth(SERVICE))).accepted == 1
+    rows = await fetch(app, "SELECT order_id FROM revenue ORDER BY order_id")
+    assert sorted(r["order_id"] for r in rows) == sorted(
+        [by_admin.revenue[0].order_id, by_service.revenue[0].order_id]
+    )
 
 
 async def test_task_ends_are_server_facts_only_a_service_can_write(

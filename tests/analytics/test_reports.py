@@ -31,8 +31,8 @@ from tests.analytics.business_support import (
     connect,  # noqa: F401  (fixture)
     day_at,
 )
-from tests.analytics.test_dashboard import monitoring  # noqa: F401  (fixture)
 from tests.conftest import StartService
+from tests.monitoring.conftest import start_monitoring  # noqa: F401  (fixture)
 from tests.support import free_port, unique_name
 
 # --------------------------------------------------------------------------- weeks
@@ -200,8 +200,9 @@ async def test_report_figures(two_replicas: tuple[Client, Client]) -> None:
     assert data.events == [0, 3, 0, 2, 0, 0, 0]
     assert data.active_users == [0, 1, 0, 1, 0, 0, 0] and data.weekly_users == 2
     assert [s.sessions for s in data.funnel[:3]] == [1, 1, 0]
-    # Made more than a day after the week: monitoring's trailing windows do not fit it.
+    # No monitoring configured: its sections are left out, with the reason.
     assert set(data.unavailable) == {"apiLatency", "cacheHitRates", "alerts"}
+    assert data.unavailable["alerts"] == "monitoring is not configured" and data.alerts is None
 
 
 async def test_reports_through_the_edge(
@@ -253,7 +254,7 @@ async def test_report_without_monitoring_and_paging(
         )
     )
     week = last_complete_week(datetime.now(UTC))
-    # Monday 01:00 after the week: within a day of its end, monitoring is asked (and is down).
+    # Monday 01:00 after the week: the scheduled run; monitoring is asked (and is down).
     reports_of(c).clock = ManualClock(week.end + timedelta(hours=1))
     made = await reports_of(c).tick()
     assert made == week.label  # no data and monitoring down: made anyway
@@ -290,22 +291,139 @@ async def test_report_without_monitoring_and_paging(
     assert bad_request_violations(err.value)[0][0] == "pageToken"
 
 
-async def test_report_with_monitoring_sections(
+async def seed_monitoring(app: ServiceApp, week: Week) -> None:
+    """Hand-built monitoring rollups and alerts, in the week and on both sides of it."""
+    before, inside, after = week.start - timedelta(hours=1), week.start + timedelta(days=2), week.end
+    bucket_10ms = [0, 1] + [0] * 14  # one request in (5 ms, 10 ms]
+    bucket_slow = [0] * 15 + [1]  # one above 30 s
+    assert app.pool is not None
+    async with app.pool.acquire() as conn:
+        await conn.executemany(
+            "INSERT INTO api_rollup_minute (bucket_start, service, endpoint, requests, errors, sum_ms,"
+            " max_ms, buckets) VALUES ($1, 'analytics', $2, $3, $4, 0, $5, $6)",
+            [
+                (
+                    inside,
+                    "/cosnap.analytics.v1.AnalyticsService/RecordEvents",
+                    40,
+                    2,
+                    10.0,
+                    [n * 40 for n in bucket_10ms],
+                ),
+                (
+                    before,
+                    "/cosnap.analytics.v1.AnalyticsService/RecordEvents",
+                    100,
+                    50,
+                    40000.0,
+                    [n * 100 for n in bucket_slow],
+                ),
+                (
+                    after,
+                    "/cosnap.analytics.v1.AnalyticsService/RecordEvents",
+                    100,
+                    50,
+                    40000.0,
+                    [n * 100 for n in bucket_slow],
+                ),
+                (
+                    after,
+                    "/cosnap.analytics.v1.AnalyticsService/GetFunnelReport",
+                    5,
+                    0,
+                    10.0,
+                    [n * 5 for n in bucket_10ms],
+                ),
+            ],
+        )
+        await conn.executemany(
+            "INSERT INTO cache_rollup_minute (bucket_start, service, cache, hits, misses)"
+            " VALUES ($1, 'effects', 'task', $2, $3)",
+            [(inside, 9, 1), (inside + timedelta(minutes=1), 9, 1), (before, 0, 50), (after, 0, 50)],
+        )
+        alerts = [
+            # (severity, first seen, resolved at): opened in the week and resolved in it,
+            ("critical", inside, inside + timedelta(hours=1)),
+            # opened before the week, resolved in it; opened in it, resolved after it;
+            ("error", before, inside),
+            ("error", inside, after + timedelta(hours=1)),
+            # opened in it, still open; opened after it, still open; opened and resolved before it.
+            ("warning", inside, None),
+            ("warning", after + timedelta(hours=2), None),
+            ("critical", before - timedelta(days=1), before),
+        ]
+        await conn.executemany(
+            "INSERT INTO alerts (alert_id, fingerprint, source, metric, severity, state, first_seen_at,"
+            " last_seen_at, resolved_at) VALUES ($1, $1, 'rule', 'api_latency_p95', $2, $3, $4, $4, $5)",
+            [
+                (f"a{i}", sev, "resolved" if resolved else "open", seen, resolved)
+                for i, (sev, seen, resolved) in enumerate(alerts)
+            ],
+        )
+
+
+async def test_report_of_a_past_week_with_a_real_monitoring_service(
     start_service: StartService,
     connect: Callable[[ServiceApp], Client],  # noqa: F811
-    monitoring: tuple[Any, str],  # noqa: F811
+    start_monitoring: Any,  # noqa: F811
+    smtp: tuple[Inbox, int],
 ) -> None:
-    servicer, address = monitoring
-    c = connect(await start_service(analytics_app(), monitoring_addr=address, **FRESH))
-    week = last_complete_week(datetime.now(UTC))
+    """Two weeks back, made today: monitoring is asked for that week (end and window), and
+    the rows before and after it, and the alerts outside it, are not in the report."""
+    monitor = await start_monitoring(monitoring_rollup_retention_days=60)
+    c = connect(
+        await start_service(
+            analytics_app(), monitoring_addr=f"127.0.0.1:{monitor.port}", **report_settings(smtp[1])
+        )
+    )
+    week = last_complete_week(datetime.now(UTC)).previous
+    await seed_monitoring(monitor, week)
     assert c.app.pool is not None
-    made_at = week.end + timedelta(hours=2)
-    data = await gather(c.app.pool, week, made_at, reports_of(c)._monitoring)
+    data = await gather(c.app.pool, week, datetime.now(UTC), reports_of(c)._monitoring)
     assert data.unavailable == {}
-    # Monitoring was asked for the week and the two hours after it.
-    assert servicer.requests[-1].window.ToTimedelta() == timedelta(days=7, hours=2)
-    endpoints = {e.endpoint.rsplit("/", 1)[-1]: e for e in data.endpoints}
-    assert endpoints["RecordEvents"].p95_ms == 12.0
-    assert endpoints["RecordEvents"].error_rate == pytest.approx(0.025)
-    assert {(x.service, x.cache): x.hit_rate for x in data.caches}[("effects", "task")] == pytest.approx(0.9)
-    assert data.open_alerts == (3, 2, 1)
+    assert data.monitoring_span == (week.start, week.end)
+    (endpoint,) = data.endpoints  # GetFunnelReport had requests only after the week
+    assert endpoint.endpoint.endswith("/RecordEvents") and endpoint.requests == 40
+    assert endpoint.p95_ms == pytest.approx(9.75)  # 5 + 5 x 38/40 inside the (5, 10] bucket
+    assert endpoint.error_rate == pytest.approx(0.05)
+    ((service, cache, hit_rate),) = [(x.service, x.cache, x.hit_rate) for x in data.caches]
+    assert (service, cache, hit_rate) == ("effects", "task", pytest.approx(0.9))
+    assert data.alerts is not None
+    assert [(a.severity, a.opened, a.resolved) for a in data.alerts] == [
+        ("critical", 1, 1),
+        ("error", 1, 1),
+        ("warning", 1, 0),
+    ]
+    # Open now (whatever the week): the error resolved after the week is closed, two warnings open.
+    assert data.open_alerts == (2, 0, 0)
+
+    # The report itself: the chart page, the table and the written summary.
+    reply = await c.stub.GetWeeklyReport(
+        analytics_pb2.GetWeeklyReportRequest(week=week.label), metadata=ADMIN, timeout=60
+    )
+    page = reply.body.data.decode()
+    assert "Alerts this week" in page
+    assert "<tr><td>critical</td><td>1</td><td>1</td></tr>" in page
+    assert "3 alert(s) opened this week (1 critical, 1 error, 1 warning), 2 resolved." in page
+    assert "Not in this report" not in page
+
+
+async def test_monitoring_down_leaves_the_sections_out_with_the_reason(
+    start_service: StartService,
+    connect: Callable[[ServiceApp], Client],  # noqa: F811
+    start_monitoring: Any,  # noqa: F811
+) -> None:
+    monitor = await start_monitoring(monitoring_rollup_retention_days=60)
+    c = connect(await start_service(analytics_app(), monitoring_addr=f"127.0.0.1:{monitor.port}", **FRESH))
+    week = last_complete_week(datetime.now(UTC)).previous
+    assert c.app.pool is not None
+    # A week older than monitoring keeps its rollups: refused, and said so.
+    old = week_of(datetime.now(UTC) - timedelta(days=90))
+    data = await gather(c.app.pool, old, datetime.now(UTC), reports_of(c)._monitoring)
+    assert set(data.unavailable) == {"apiLatency", "cacheHitRates", "alerts"}
+    assert data.unavailable["apiLatency"].startswith("monitoring refused the week")
+    await monitor.stop()
+    data = await gather(c.app.pool, week, datetime.now(UTC), reports_of(c)._monitoring, monitoring_timeout=2)
+    assert set(data.unavailable) == {"apiLatency", "cacheHitRates", "alerts"}
+    assert data.unavailable["alerts"].startswith("monitoring did not answer")
+    assert data.alerts is None and data.endpoints == [] and data.open_alerts is None

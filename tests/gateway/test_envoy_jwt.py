@@ -121,7 +121,7 @@ def problems(config: Any, expected: list[Binding]) -> list[str]:
 def test_every_binding_has_the_rule_its_access_level_needs(
     raw: dict[str, Any], expected: list[Binding]
 ) -> None:
-    assert {b.access for b in expected} == {Access.PUBLIC, Access.USER, Access.ADMIN}
+    assert {b.access for b in expected} == {Access.PUBLIC, Access.USER, Access.ADMIN, Access.ADMIN_OR_SERVICE}
     assert problems(jwt_config(raw), expected) == []
 
 
