@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
+from collections.abc import Sequence
 
 import grpc
 
@@ -22,8 +23,10 @@ class Echo(analytics_pb2_grpc.AnalyticsServiceServicer):
         return analytics_pb2.RecordEventsResponse(accepted=len(request.events))
 
 
-async def serve(port: int) -> None:
-    server = grpc.aio.server()
+async def serve(port: int, interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> None:
+    """The echo on 127.0.0.1:`port` behind `interceptors`, until SIGTERM or SIGINT;
+    prints "ready" once it listens."""
+    server = grpc.aio.server(interceptors=list(interceptors))
     analytics_pb2_grpc.add_AnalyticsServiceServicer_to_server(Echo(), server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()

@@ -11,13 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import sys
 
-import grpc
-
-from bench.echo import Echo
-from cosnap.analytics.v1 import analytics_pb2_grpc
+from bench.echo import serve as serve_echo
 from cosnap.monitoring.v1 import monitoring_pb2_grpc
 from services.servicekit.auth import Access, ServiceTokens
 from services.servicekit.channels import service_channel
@@ -37,17 +33,7 @@ async def serve(port: int, monitoring_addr: str | None) -> None:
         reporter = MonitoringReporter(stub, "echo", f"echo-{os.getpid()}", settings=ReporterSettings())
         reporter.start()
     interceptor = ServiceInterceptor({METHOD: Access.PUBLIC}, secret, reporter.record if reporter else None)
-    server = grpc.aio.server(interceptors=[interceptor])
-    analytics_pb2_grpc.add_AnalyticsServiceServicer_to_server(Echo(), server)
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    await server.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    print("ready", flush=True)
-    await stop.wait()
-    await server.stop(1)
+    await serve_echo(port, [interceptor])
     if reporter is not None:
         await reporter.close()
 

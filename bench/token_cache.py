@@ -23,7 +23,7 @@ from typing import Any
 
 import grpc
 
-from bench.echo import Echo
+from bench.echo import serve as serve_echo
 from cosnap.analytics.v1 import analytics_pb2, analytics_pb2_grpc
 from services.servicekit.auth import Access, Principal, VerifiedTokens, issue_token, verify
 from services.servicekit.interceptors import ServiceInterceptor
@@ -49,17 +49,7 @@ async def serve(port: int, mode: str) -> None:
         if mode == "verify_every_call":
             interceptor.tokens = _EveryCall(SECRET)
         interceptors.append(interceptor)
-    server = grpc.aio.server(interceptors=interceptors)
-    analytics_pb2_grpc.add_AnalyticsServiceServicer_to_server(Echo(), server)
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    await server.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    print("ready", flush=True)
-    await stop.wait()
-    await server.stop(1)
+    await serve_echo(port, interceptors)
 
 
 def _cpu_seconds(pid: int) -> float:
