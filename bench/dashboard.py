@@ -67,7 +67,7 @@ async def _queries_24h_ms(pool: asyncpg.Pool) -> dict[str, float]:
     size = timedelta(hours=1)
     names = list(vitals.WEB_VITALS)
     return {
-        "bins (hourly)": await _query_ms(pool, dashboard._BINS_HOURLY_SQL, hour, now, size, names),
+        "bins (hourly)": await _query_ms(pool, dashboard._BINS_PER_HOUR_SQL, hour, now, size, names),
         "bins (5 min, per page)": await _query_ms(pool, dashboard._BINS_SQL, five, now, size, names),
         "ratings (rollup_metrics)": await _query_ms(pool, dashboard._RATINGS_SQL, hour, now, names),
         "events": await _query_ms(pool, dashboard._EVENTS_SQL, hour, now, size),

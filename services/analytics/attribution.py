@@ -116,10 +116,12 @@ def credits(model: str, touchpoints: Sequence[Touchpoint], at: datetime) -> dict
     if model == "linear":
         weights = [Decimal(1)] * len(touchpoints)
     elif model == "time_decay":
-        half_life = Decimal(HALF_LIFE.total_seconds())
-        weights = [
-            _CTX.power(Decimal(2), -Decimal((at - t.at).total_seconds()) / half_life) for t in touchpoints
-        ]
+        # Each weight in binary floating point (relative error ~1e-16, exact for whole
+        # half-lives), then exact as a Decimal: a 34-digit Decimal power cost ~60 us a
+        # touchpoint (most of the report's time at 10 M rows) for digits that the rounded
+        # outputs (cents, 6 decimals of conversions) never show.
+        half_life = HALF_LIFE.total_seconds()
+        weights = [Decimal(2.0 ** (-(at - t.at).total_seconds() / half_life)) for t in touchpoints]
     else:
         raise ValueError(f"unknown model {model!r}")
     total = _CTX.add(sum(weights[1:], weights[0]), Decimal(0))

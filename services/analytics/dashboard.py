@@ -84,18 +84,36 @@ P75: Final = 0.75
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 WORK_MEM: Final = "64MB"  # per dashboard query (at most one computation per window and TTL)
 
+# The sketch bins per (trend bucket, name), one row each with its bins ascending and their
+# counts as two arrays: ~150 rows for a day instead of ~35 k (fetching and looping over those
+# in Python cost more than the query itself).
 _BINS_SQL = """
-SELECT date_bin($3::interval, bucket_start, timestamptz 'epoch') AS b, name, bin, sum(count)::bigint AS n
-FROM rollup_metric_bins
-WHERE bucket_start >= $1 AND bucket_start <= $2 AND name = ANY($4::text[])
-GROUP BY 1, 2, 3
+SELECT b, name, array_agg(bin ORDER BY bin) AS bins, array_agg(n ORDER BY bin) AS counts
+FROM (
+    SELECT date_bin($3::interval, bucket_start, timestamptz 'epoch') AS b, name, bin, sum(count)::bigint AS n
+    FROM rollup_metric_bins
+    WHERE bucket_start >= $1 AND bucket_start <= $2 AND name = ANY($4::text[])
+    GROUP BY 1, 2, 3
+) AS per_bin
+GROUP BY b, name
 """
 # The same from the hourly, page-less sketch (windows with trend buckets of an hour or more).
 _BINS_HOURLY_SQL = """
-SELECT date_bin($3::interval, hour_start, timestamptz 'epoch') AS b, name, bin, sum(count)::bigint AS n
+SELECT b, name, array_agg(bin ORDER BY bin) AS bins, array_agg(n ORDER BY bin) AS counts
+FROM (
+    SELECT date_bin($3::interval, hour_start, timestamptz 'epoch') AS b, name, bin, sum(count)::bigint AS n
+    FROM rollup_metric_bins_hourly
+    WHERE hour_start >= $1 AND hour_start <= $2 AND name = ANY($4::text[])
+    GROUP BY 1, 2, 3
+) AS per_bin
+GROUP BY b, name
+"""
+# Hourly trend buckets: the hourly rows are already one per (hour, name, bin), no regrouping.
+_BINS_PER_HOUR_SQL = """
+SELECT hour_start AS b, name, array_agg(bin ORDER BY bin) AS bins, array_agg(count ORDER BY bin) AS counts
 FROM rollup_metric_bins_hourly
-WHERE hour_start >= $1 AND hour_start <= $2 AND name = ANY($4::text[])
-GROUP BY 1, 2, 3
+WHERE hour_start >= $1 AND hour_start <= $2 AND name = ANY($4::text[]) AND $3::interval = interval '1 hour'
+GROUP BY hour_start, name
 """
 _RATINGS_SQL = """
 SELECT name, sum(count)::bigint AS samples, sum(good)::bigint AS good,
@@ -146,6 +164,13 @@ GROUP BY step
 def _floor(moment: datetime, size: timedelta) -> datetime:
     """The start of the `size` bucket (aligned on the Unix epoch, like date_bin) holding `moment`."""
     return _EPOCH + ((moment - _EPOCH) // size) * size
+
+
+def _bins_sql(size: timedelta) -> str:
+    """The sketch query for trend buckets of `size`."""
+    if size == HOUR:
+        return _BINS_PER_HOUR_SQL
+    return _BINS_HOURLY_SQL if size > HOUR else _BINS_SQL
 
 
 def _share(part: int, whole: int) -> float:
@@ -208,20 +233,28 @@ class Dashboard:
         start = since_hour if hourly else _floor(since, ROLLUP_BUCKET)
         names = list(WEB_VITALS)
 
-        queries, summary = await asyncio.gather(
-            self._queries(hourly, start, since_hour, now, size, names), self._service_summary(window)
+        queries, distinct, summary = await asyncio.gather(
+            self._queries(hourly, start, now, size, names),
+            self._distinct(hourly, since_hour, now, size),
+            self._service_summary(window),
         )
-        bins, ratings, events, sessions, visitors, funnel = queries
+        bins, ratings, events, funnel = queries
+        sessions_by_bucket, window_sessions, window_users = distinct
 
         response = analytics_pb2.GetPerformanceDashboardResponse(window=window.text)
         response.generated_at.FromDatetime(now)
 
-        # Web vitals: merged bins per (trend bucket, name) and per name.
-        bucket_bins: dict[tuple[datetime, str], list[tuple[int, int]]] = defaultdict(list)
+        # Web vitals: the p75 per (trend bucket, name) from its bins; per name, from all
+        # its buckets' bins merged.
+        bucket_p75: dict[tuple[datetime, str], float] = {}
         window_bins: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
         for row in bins:
-            bucket_bins[(row["b"], row["name"])].append((row["bin"], row["n"]))
-            window_bins[row["name"]][row["bin"]] += row["n"]
+            value = sketch.quantile_sorted(row["bins"], row["counts"], P75)
+            if value is not None:
+                bucket_p75[(row["b"], row["name"])] = value
+            merged = window_bins[row["name"]]
+            for bin_, count in zip(row["bins"], row["counts"], strict=True):
+                merged[bin_] += count
         by_name = {row["name"]: row for row in ratings}
         for name in WEB_VITALS:
             rated_row = by_name.get(name)
@@ -245,9 +278,8 @@ class Dashboard:
 
         # Engagement.
         events_by_bucket = {row["b"]: int(row["n"]) for row in events}
-        sessions_by_bucket = {row["b"]: int(row["sessions"]) for row in sessions}
-        response.engagement.sessions = int(visitors[0]["sessions"])
-        response.engagement.users = int(visitors[0]["users"])
+        response.engagement.sessions = window_sessions
+        response.engagement.users = window_users
         response.engagement.events = sum(events_by_bucket.values())
 
         # Funnel summary.
@@ -273,8 +305,7 @@ class Dashboard:
             )
             point.bucket_start.FromDatetime(bucket)
             for name in WEB_VITALS:
-                items = bucket_bins.get((bucket, name))
-                value = sketch.quantile(items, P75) if items else None
+                value = bucket_p75.get((bucket, name))
                 if value is not None:
                     point.web_vitals_p75[name] = value
             bucket += size
@@ -307,60 +338,47 @@ class Dashboard:
         return response
 
     async def _queries(
-        self,
-        hourly: bool,
-        start: datetime,
-        since_hour: datetime,
-        now: datetime,
-        size: timedelta,
-        names: list[str],
+        self, hourly: bool, start: datetime, now: datetime, size: timedelta, names: list[str]
     ) -> tuple[list[Any], ...]:
-        """The rollup reads of one dashboard, concurrently: bins, ratings, events,
-        sessions, visitors, funnel."""
+        """The rollup reads of one dashboard, concurrently: bins, ratings, events, funnel."""
         return tuple(
             await asyncio.gather(
-                self._fetch(_BINS_HOURLY_SQL if hourly else _BINS_SQL, start, now, size, names),
+                self._fetch(_bins_sql(size), start, now, size, names),
                 self._fetch(_RATINGS_SQL, start, now, names),
                 self._fetch(_EVENTS_SQL, start, now, size),
-                (
-                    self._sketched_sessions(since_hour, now, size)
-                    if hourly
-                    else self._fetch(_SESSIONS_HOURLY_SQL, since_hour, now)
-                ),
-                (
-                    self._sketched_visitors(since_hour, now)
-                    if hourly
-                    else self._fetch(_VISITORS_SQL, since_hour, now)
-                ),
                 self._fetch(_FUNNEL_SQL, start, now),
             )
         )
 
-    async def _sketched_visitors(self, since_hour: datetime, now: datetime) -> list[dict[str, int]]:
-        """Distinct sessions and users over the window from the hourly HLL sketches (distinct.py)."""
-        async with self._pool.acquire() as conn, conn.transaction(readonly=True):
-            estimate = await self._sketches.estimate(conn, since_hour, now)
-        return [{"sessions": estimate.sessions, "users": estimate.users}]
-
-    async def _sketched_sessions(
-        self, since_hour: datetime, now: datetime, size: timedelta
-    ) -> list[dict[str, Any]]:
-        """Sessions per trend bucket: an hour's is exact (its row count, kept with its sketch);
-        a longer bucket's is the union of its hours' sketches."""
-        starts = []
-        bucket = _floor(since_hour, size)
-        while bucket <= now:
-            starts.append(max(bucket, since_hour))
-            bucket += size
-        async with self._pool.acquire() as conn, conn.transaction(readonly=True):
+    async def _distinct(
+        self, hourly: bool, since_hour: datetime, now: datetime, size: timedelta
+    ) -> tuple[dict[datetime, int], int, int]:
+        """Distinct sessions per trend bucket (an hour's for buckets under an hour), and
+        distinct sessions and users over the window: from the sketches for hourly trend
+        buckets, exact (``rollup_sessions``) for the short windows."""
+        if hourly:
+            starts = []
+            bucket = _floor(since_hour, size)
+            while bucket <= now:
+                starts.append(max(bucket, since_hour))
+                bucket += size
+            async with self._pool.acquire() as conn, conn.transaction(readonly=True):
+                estimate = await self._sketches.window(conn, starts, now)
             if size == HOUR:
-                counts = await self._sketches.hour_counts(conn, since_hour, now)
-                return [{"b": hour, "sessions": n} for hour, n in counts.items()]
-            estimates = await self._sketches.estimate_buckets(conn, starts, now)
-        return [
-            {"b": _floor(start, size), "sessions": e.sessions}
-            for start, e in zip(starts, estimates, strict=True)
-        ]
+                per_bucket = estimate.hour_sessions
+            else:
+                per_bucket = {
+                    _floor(start, size): e.sessions for start, e in zip(starts, estimate.buckets, strict=True)
+                }
+            return per_bucket, estimate.total.sessions, estimate.total.users
+        sessions, visitors = await asyncio.gather(
+            self._fetch(_SESSIONS_HOURLY_SQL, since_hour, now), self._fetch(_VISITORS_SQL, since_hour, now)
+        )
+        return (
+            {row["b"]: int(row["sessions"]) for row in sessions},
+            int(visitors[0]["sessions"]),
+            int(visitors[0]["users"]),
+        )
 
     async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
         """One read-only query with room to hash its aggregates in memory."""

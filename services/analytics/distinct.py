@@ -48,6 +48,9 @@ SELECT session_id, user_id FROM rollup_sessions WHERE hour_start = $1
 _RANGE_IDS_SQL = """
 SELECT session_id, user_id FROM rollup_sessions WHERE hour_start = ANY($1::timestamptz[])
 """
+_RANGE_ROWS_SQL = """
+SELECT hour_start, session_id, user_id FROM rollup_sessions WHERE hour_start = ANY($1::timestamptz[])
+"""
 _STORED_SQL = """
 SELECT hour_start, kind, source_rows, sketch FROM distinct_sketches
 WHERE hour_start >= $1 AND hour_start <= $2
@@ -91,6 +94,24 @@ class Estimate:
     users: int
     sketched_hours: int
     exact_hours: int
+
+
+@dataclass(frozen=True)
+class WindowEstimate:
+    """What the dashboard needs of one window, in one pass over its hours' sketches."""
+
+    buckets: list[Estimate]  # one per bucket start
+    total: Estimate  # the whole window
+    hour_sessions: dict[datetime, int]  # exact distinct sessions per hour
+
+
+def _estimate(unions: dict[str, hll_union], sketched: int, exact: int) -> Estimate:
+    return Estimate(
+        sessions=round(unions["sessions"].get_estimate()),
+        users=round(unions["users"].get_estimate()),
+        sketched_hours=sketched,
+        exact_hours=exact,
+    )
 
 
 class Sketches:
@@ -198,3 +219,50 @@ class Sketches:
                 )
             )
         return out
+
+    async def window(self, conn: Connection, starts: Sequence[datetime], now: datetime) -> WindowEstimate:
+        """Per bucket (as :meth:`estimate_buckets`), the whole window (as :meth:`estimate`
+        from ``starts[0]``) and the exact sessions per hour (as :meth:`hour_counts`) with one
+        read of the stored sketches and of the unsketched hours' rows, each hour's sketch
+        deserialized once and added to its bucket's union and the window's."""
+        last_hour = floor_hour(now)
+        sealed = sealed_before(now)
+        by_hour: dict[datetime, dict[str, bytes]] = {}
+        hour_sessions: dict[datetime, int] = {}
+        for r in await conn.fetch(_STORED_SQL, starts[0], last_hour):
+            if r["hour_start"] < sealed:
+                by_hour.setdefault(r["hour_start"], {})[r["kind"]] = r["sketch"]
+                if r["kind"] == "sessions":
+                    hour_sessions[r["hour_start"]] = int(r["source_rows"])
+        hours = _hours(starts[0], last_hour + HOUR)
+        exact = [h for h in hours if len(by_hour.get(h, {})) < len(KINDS)]
+        exact_rows: dict[datetime, list[asyncpg.Record]] = {h: [] for h in exact}
+        if exact:
+            for r in await conn.fetch(_RANGE_ROWS_SQL, exact):
+                exact_rows[r["hour_start"]].append(r)
+        for h in exact:
+            hour_sessions[h] = len(exact_rows[h])  # one row per (hour, session)
+        total = {kind: hll_union(LG_K) for kind in KINDS}
+        ends = [*starts[1:], last_hour + HOUR]
+        buckets = []
+        for start, end in zip(starts, ends, strict=True):
+            bucket_hours = _hours(start, end)
+            unions = {kind: hll_union(LG_K) for kind in KINDS}
+            bucket_exact = [h for h in bucket_hours if h in exact_rows]
+            for h in bucket_hours:
+                if h not in exact_rows:
+                    for kind in KINDS:
+                        hour_sketch = hll_sketch.deserialize(by_hour[h][kind])
+                        unions[kind].update(hour_sketch)
+                        total[kind].update(hour_sketch)
+            if bucket_exact:
+                sessions, users = sketches_of(r for h in bucket_exact for r in exact_rows[h])
+                for kind, exact_sketch in (("sessions", sessions), ("users", users)):
+                    unions[kind].update(exact_sketch)
+                    total[kind].update(exact_sketch)
+            buckets.append(_estimate(unions, len(bucket_hours) - len(bucket_exact), len(bucket_exact)))
+        return WindowEstimate(
+            buckets=buckets,
+            total=_estimate(total, len(hours) - len(exact), len(exact)),
+            hour_sessions=hour_sessions,
+        )

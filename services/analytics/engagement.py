@@ -119,15 +119,25 @@ SELECT 0 AS kind, NULL::text AS user_id, NULL::int AS active_days, NULL::date AS
 UNION ALL
 (SELECT 1, user_id, active_days, last_day, {_COLUMNS}, score,
         -- the share of users with a strictly lower score, for the page's rows only
-        100.0 * (SELECT count(*) FROM s lower WHERE lower.score < page.score) / (SELECT count(*) FROM s),
+        100.0 * ({{below}}) / (SELECT count(*) FROM s),
         NULL, NULL, NULL
  FROM (SELECT * FROM s ORDER BY score DESC, user_id LIMIT {{limit}} OFFSET {{offset}}) page
  ORDER BY score DESC, user_id)
 """
-_REPORT_SQL = f"WITH {_SCORES_CTE.format(user_filter='')}" + _REPORT_BODY.format(limit="$3", offset="$4")
+_REPORT_SQL = f"WITH {_SCORES_CTE.format(user_filter='')}" + _REPORT_BODY.format(
+    limit="$3", offset="$4", below="SELECT count(*) FROM s lower WHERE lower.score < page.score"
+)
 # The same from the scores the pass stored: $1 window, $2 limit, $3 offset.
 _STORED = "s AS (SELECT * FROM engagement_scores WHERE window_name = $1)"
-_REPORT_STORED_SQL = f"WITH {_STORED}" + _REPORT_BODY.format(limit="$2", offset="$3")
+# A page row's lower scores are all users but those scoring at least as much, counted
+# through the (window_name, score) index: a few entries for the top users, where counting
+# the lower ones scanned every user per page row (~8 ms each at 67 k users).
+_REPORT_STORED_SQL = f"WITH {_STORED}" + _REPORT_BODY.format(
+    limit="$2",
+    offset="$3",
+    below="(SELECT count(*) FROM s) - (SELECT count(*) FROM engagement_scores h"
+    " WHERE h.window_name = $1 AND h.score >= page.score)",
+)
 _AS_OF_SQL = "SELECT as_of FROM engagement_scores_as_of WHERE window_name = $1"
 _STORE_SQL = f"""
 INSERT INTO engagement_scores (window_name, user_id, active_days, last_day, {_COLUMNS}, score)

@@ -98,3 +98,41 @@ async def test_large_sets_within_two_percent(client: Client, admin_pg: asyncpg.C
     # An hour's trend point is exact (its row count).
     hours = {p.bucket_start.ToDatetime(tzinfo=UTC): p.sessions for p in reply.trend}
     assert hours[first] == sum(1 for h, _, _ in rows if h == first)
+
+
+async def test_one_pass_window_equals_the_separate_reads(
+    client: Client, admin_pg: asyncpg.Connection
+) -> None:
+    """Sketches.window (what the dashboard reads) gives, per 6-hour bucket, over the window and
+    per hour, what estimate_buckets, estimate and hour_counts give separately: over sketched
+    hours, a sealed hour whose sketch is missing and the current (unsealed) hour."""
+    now = datetime.now(UTC)
+    schema = client.app.schema
+    first = floor_hour(now) - 20 * HOUR
+    rows = []
+    for i in range(6_000):
+        hour = first + (i % 21) * HOUR  # the last one is the current hour
+        rows.append((hour, f"s{i}", f"u{i // 3}" if i % 4 else ""))
+        if i % 3 == 0 and hour + HOUR <= floor_hour(now):
+            rows.append((hour + HOUR, f"s{i}", f"u{i // 3}" if i % 4 else ""))
+    await admin_pg.copy_records_to_table(
+        "rollup_sessions", records=rows, columns=("hour_start", "session_id", "user_id"), schema_name=schema
+    )
+    sketches = sketches_of(client)
+    await analytics_app().state(client.app).business.preagg.build_sketches()
+    missing = first + 7 * HOUR
+    await admin_pg.execute(f'DELETE FROM "{schema}".distinct_sketches WHERE hour_start = $1', missing)
+    starts = [first + k * 6 * HOUR for k in range(4)]
+    assert client.app.pool is not None
+    async with client.app.pool.acquire() as conn:
+        one_pass = await sketches.window(conn, starts, now)
+        assert one_pass.buckets == await sketches.estimate_buckets(conn, starts, now)
+        assert one_pass.total == await sketches.estimate(conn, first, now)
+        assert one_pass.hour_sessions == await sketches.hour_counts(conn, first, now)
+    # Read exactly: the hour without its sketch and the unsealed ones (the current hour, and
+    # the one before during the first minutes of an hour).
+    unsealed = sum(1 for k in range(21) if first + k * HOUR >= sealed_before(now))
+    assert one_pass.total.exact_hours == 1 + unsealed
+    assert one_pass.hour_sessions[missing] == sum(1 for h, _, _ in rows if h == missing)
+    exact_users = len({u for _, _, u in rows if u})
+    assert abs(one_pass.total.users - exact_users) / exact_users < 0.02
