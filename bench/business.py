@@ -41,6 +41,7 @@ from typing import Any
 import grpc
 
 from bench import datagen
+from bench.cpu import cpu_seconds
 from bench.datagen import DATABASE_URL, LONG, REDIS_URL, SECRET
 from cosnap.analytics.v1 import analytics_pb2, analytics_pb2_grpc
 from services.analytics import app as analytics_app
@@ -69,11 +70,6 @@ async def _cold(
         await call()
         samples.append(time.perf_counter() - started)
     return datagen.percentiles(samples)
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def _stream_cpu(schema: str, seconds: float) -> dict[str, Any]:
@@ -135,18 +131,18 @@ async def _stream_cpu(schema: str, seconds: float) -> dict[str, Any]:
 
             readers = [asyncio.ensure_future(read(c)) for c in calls]
             await asyncio.sleep(1.5)  # every stream open and past its first message
-            before, received = _cpu_seconds(process.pid), 0
+            before, received = cpu_seconds(process.pid), 0
             await asyncio.sleep(seconds)
-            used = _cpu_seconds(process.pid) - before
+            used = cpu_seconds(process.pid) - before
             for call in calls:
                 call.cancel()
             await asyncio.gather(*readers, return_exceptions=True)
             await asyncio.sleep(1)
             return used, received
 
-        idle_before = _cpu_seconds(process.pid)
+        idle_before = cpu_seconds(process.pid)
         await asyncio.sleep(seconds)
-        idle = _cpu_seconds(process.pid) - idle_before
+        idle = cpu_seconds(process.pid) - idle_before
         one, one_msgs = await hold(1)
         hundred, hundred_msgs = await hold(100)
         return {

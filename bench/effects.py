@@ -34,6 +34,7 @@ import asyncpg
 import grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.cpu import cpu_seconds
 from cosnap.effects.v1 import effects_pb2, effects_pb2_grpc
 from services.servicekit.auth import issue_token
 from tests.support import DATABASE_URL, JWT_SECRET, ROOT, free_port, service_env, spawn_service, wait_serving
@@ -116,12 +117,6 @@ def _bucket_quantile(before: dict[float, float], after: dict[float, float], q: f
         if cumulative >= q * total:
             return le * 1000
     return math.inf
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux /proc; 10 ms resolution)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def _pollers(
@@ -222,10 +217,10 @@ async def poll(
             for c in range(clients)
         ]
         await asyncio.sleep(max(0.0, start - time.time()))
-        before, cpu_before = await _outputs_calls(sim_url), _cpu_seconds(pid)
+        before, cpu_before = await _outputs_calls(sim_url), cpu_seconds(pid)
         buckets_before = await _handling_buckets(metrics_url) if metrics_url else {}
         results = await asyncio.gather(*runs)
-        cpu = _cpu_seconds(pid) - cpu_before
+        cpu = cpu_seconds(pid) - cpu_before
         upstream = await _outputs_calls(sim_url) - before
         buckets_after = await _handling_buckets(metrics_url) if metrics_url else {}
     latencies = [ms for run, _, _ in results for ms in run]

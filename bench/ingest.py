@@ -43,6 +43,7 @@ from typing import Any
 import asyncpg
 import grpc
 
+from bench.cpu import cpu_seconds
 from cosnap.analytics.v1 import analytics_pb2
 from tests.support import DATABASE_URL, ROOT, free_port, service_env, spawn_service, wait_serving
 
@@ -190,11 +191,9 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 def _cpu_seconds(pid: int) -> float | None:
     """User + system CPU time of a process so far (Linux /proc), None elsewhere."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
+        return cpu_seconds(pid)
     except OSError:
         return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _flush_stats(metrics_port: int) -> dict[str, float]:

@@ -47,6 +47,7 @@ from typing import Any
 import asyncpg
 import grpc
 
+from bench.cpu import cpu_seconds
 from bench.ingest import _percentile, _requests, _spawn_echo, _stop, _wait_answering
 from cosnap.analytics.v1 import analytics_pb2
 from cosnap.monitoring.v1 import monitoring_pb2
@@ -187,8 +188,7 @@ class ProcessCpu:
     def seconds(self) -> float:
         if self.clock is not None:
             return time.clock_gettime_ns(self.clock) / 1e9
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+        return cpu_seconds(self.pid)
 
 
 # The reporter flushes every second (ReporterSettings' default): a run's CPU is read after

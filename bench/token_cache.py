@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import signal
 import statistics
 import subprocess
@@ -23,6 +22,7 @@ from typing import Any
 
 import grpc
 
+from bench.cpu import cpu_seconds
 from bench.echo import serve as serve_echo
 from cosnap.analytics.v1 import analytics_pb2, analytics_pb2_grpc
 from services.servicekit.auth import Access, Principal, VerifiedTokens, issue_token, verify
@@ -52,11 +52,6 @@ async def serve(port: int, mode: str) -> None:
     await serve_echo(port, interceptors)
 
 
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
-
-
 async def _load(address: str, seconds: float, concurrency: int, pid: int) -> dict[str, float]:
     token = issue_token(SECRET, "bench-user", "user", ttl_seconds=3600)
     metadata = (("authorization", f"Bearer {token}"),)
@@ -76,12 +71,12 @@ async def _load(address: str, seconds: float, concurrency: int, pid: int) -> dic
                 await stub.RecordEvents(request, metadata=metadata, timeout=5)
                 done += 1
 
-        cpu0 = _cpu_seconds(pid)
+        cpu0 = cpu_seconds(pid)
         started = time.perf_counter()
         stop_at = started + seconds
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
-        cpu = _cpu_seconds(pid) - cpu0
+        cpu = cpu_seconds(pid) - cpu0
     return {"rpcs": done, "rps": round(done / elapsed), "cpu_us_per_rpc": round(cpu / done * 1e6, 1)}
 
 
