@@ -117,6 +117,25 @@ FROM generate_series(date_bin('5 minutes', $1::timestamptz, timestamptz 'epoch')
      generate_series(1, 9) AS s, generate_series(0, 29) AS e
 """
 
+# The hourly engagement and funnel rollups, from the 5-minute ones (as the ingest keeps them:
+# an hour's row is the sum of its 5-minute rows).
+HOURLY_ROLLUPS: tuple[tuple[str, str, tuple[Any, ...]], ...] = (
+    (
+        "rollup_events_hourly",
+        """INSERT INTO rollup_events_hourly (hour_start, event_type, count)
+           SELECT date_bin('1 hour', bucket_start, timestamptz 'epoch'), event_type, sum(count)
+           FROM rollup_events GROUP BY 1, 2""",
+        (),
+    ),
+    (
+        "rollup_funnel_hourly",
+        """INSERT INTO rollup_funnel_hourly (hour_start, step, count)
+           SELECT date_bin('1 hour', bucket_start, timestamptz 'epoch'), step, sum(count)
+           FROM rollup_funnel GROUP BY 1, 2""",
+        (),
+    ),
+)
+
 
 def value_pools(rng: random.Random, size: int = 65_536) -> dict[str, list[tuple[float, str | None]]]:
     """Per metric, a pool of (value, rating) to draw rows from (keeps generation cheap)."""
@@ -201,6 +220,7 @@ async def build_metric_rollups(
         [
             ("rollup_events", EVENTS_ROLLUP, (now - span, now)),
             ("rollup_funnel", FUNNEL_ROLLUP, (now - span, now)),
+            *HOURLY_ROLLUPS,
         ]
         if synthetic
         else []
@@ -221,7 +241,8 @@ async def build_metric_rollups(
         await conn.execute(
             "ANALYZE rollup_metric_bins; ANALYZE rollup_metric_bins_hourly; ANALYZE rollup_metrics; "
             "ANALYZE rollup_sessions; "
-            "ANALYZE rollup_events; ANALYZE rollup_funnel",
+            "ANALYZE rollup_events; ANALYZE rollup_funnel; ANALYZE rollup_events_hourly; "
+            "ANALYZE rollup_funnel_hourly",
             timeout=LONG,
         )
         await conn.execute("RESET work_mem")
@@ -394,7 +415,7 @@ async def load_business(
             columns=("task_id", "effect_id", "user_id", "status", "cost_coins", "occurred_at"),
         )
         await conn.execute("SET work_mem = '256MB'")
-        for table, sql in BUSINESS_ROLLUPS:
+        for table, sql in (*BUSINESS_ROLLUPS, *((table, sql) for table, sql, _ in HOURLY_ROLLUPS)):
             t = time.perf_counter()
             await conn.execute(sql, timeout=LONG)
             out[f"{table}_seconds"] = round(time.perf_counter() - t, 1)

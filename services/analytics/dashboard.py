@@ -21,9 +21,11 @@ Sections and their sources, over ``[now - window, now]`` (default 24h):
   day of 10 M metrics; the 24h sketch query alone 4.5 s against 0.23 s,
   ``bench/dashboard.py``), so windows that can use whole hours do. Both tables get the same contributions in the same
   ingest transaction, so they always agree.
-* ``engagement``: events from ``rollup_events``; distinct sessions and
-  (non-empty) users from ``rollup_sessions``.
-* ``funnel``: from ``rollup_funnel``: step-1 and step-7
+* ``engagement``: events from ``rollup_events`` (15m, 1h) or
+  ``rollup_events_hourly`` (24h, 7d, 30d: page-less, ~20x fewer rows); distinct
+  sessions and (non-empty) users from ``rollup_sessions`` or its hourly sketches.
+* ``funnel``: from ``rollup_funnel`` (15m, 1h) or ``rollup_funnel_hourly``
+  (24h, 7d, 30d: effect-less, ~30x fewer rows): step-1 and step-7
   (``processing_completed``) reports, their ratio (capped at 1) and the step
   whose count fell most from the previous step's. The rollup counts step
   reports, not distinct sessions in order: a session sending a step twice
@@ -157,6 +159,19 @@ _FUNNEL_SQL = """
 SELECT step, sum(count)::bigint AS n
 FROM rollup_funnel
 WHERE bucket_start >= $1 AND bucket_start <= $2
+GROUP BY step
+"""
+# The same two from the hourly, page-less and effect-less rollups (hourly trend buckets).
+_EVENTS_HOURLY_SQL = """
+SELECT date_bin($3::interval, hour_start, timestamptz 'epoch') AS b, sum(count)::bigint AS n
+FROM rollup_events_hourly
+WHERE hour_start >= $1 AND hour_start <= $2
+GROUP BY 1
+"""
+_FUNNEL_HOURLY_SQL = """
+SELECT step, sum(count)::bigint AS n
+FROM rollup_funnel_hourly
+WHERE hour_start >= $1 AND hour_start <= $2
 GROUP BY step
 """
 
@@ -345,8 +360,8 @@ class Dashboard:
             await asyncio.gather(
                 self._fetch(_bins_sql(size), start, now, size, names),
                 self._fetch(_RATINGS_SQL, start, now, names),
-                self._fetch(_EVENTS_SQL, start, now, size),
-                self._fetch(_FUNNEL_SQL, start, now),
+                self._fetch(_EVENTS_HOURLY_SQL if hourly else _EVENTS_SQL, start, now, size),
+                self._fetch(_FUNNEL_HOURLY_SQL if hourly else _FUNNEL_SQL, start, now),
             )
         )
 

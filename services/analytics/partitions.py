@@ -31,8 +31,10 @@ AGED_TABLES = (
     ("rollup_metric_bins_hourly", "hour_start"),
     ("rollup_metrics", "bucket_start"),
     ("rollup_events", "bucket_start"),
+    ("rollup_events_hourly", "hour_start"),
     ("rollup_sessions", "hour_start"),
     ("rollup_funnel", "bucket_start"),
+    ("rollup_funnel_hourly", "hour_start"),
 )
 
 

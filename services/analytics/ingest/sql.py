@@ -19,7 +19,9 @@ Every flush is one transaction on a committer connection:
    exact, so moving a value back restores them to the digit, and they cannot
    overflow;
 4. revenue, task ends: one row per key (small volumes: ON CONFLICT directly);
-5. the rollups are updated from the same staged rows, aggregated in SQL.
+5. the rollups are updated from the same staged rows, aggregated in SQL: per
+   5 minutes (with page, effect) and per hour (without), both from the same new
+   rows, so an hour's row is always the sum of its 5-minute rows.
 """
 
 from __future__ import annotations
@@ -106,6 +108,11 @@ counts AS (
     SELECT {BUCKET.format(col="occurred_at")}, event_type, coalesce(page, ''), count(*)
     FROM {{src}} GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
     ON CONFLICT (bucket_start, event_type, page) DO UPDATE SET count = r.count + excluded.count
+), counts_hourly AS (
+    INSERT INTO rollup_events_hourly AS r (hour_start, event_type, count)
+    SELECT {HOUR.format(col="occurred_at")}, event_type, count(*)
+    FROM {{src}} GROUP BY 1, 2 ORDER BY 1, 2
+    ON CONFLICT (hour_start, event_type) DO UPDATE SET count = r.count + excluded.count
 ), sessions AS (
     INSERT INTO rollup_sessions AS r (hour_start, session_id, user_id)
     SELECT {HOUR.format(col="occurred_at")}, session_id, max(user_id)
@@ -127,6 +134,11 @@ counts AS (
     SELECT {BUCKET.format(col="occurred_at")}, step, coalesce(effect_id, ''), count(*)
     FROM {{src}} GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
     ON CONFLICT (bucket_start, step, effect_id) DO UPDATE SET count = r.count + excluded.count
+), counts_hourly AS (
+    INSERT INTO rollup_funnel_hourly AS r (hour_start, step, count)
+    SELECT {HOUR.format(col="occurred_at")}, step, count(*)
+    FROM {{src}} GROUP BY 1, 2 ORDER BY 1, 2
+    ON CONFLICT (hour_start, step) DO UPDATE SET count = r.count + excluded.count
 )""",
 )
 
