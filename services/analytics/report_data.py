@@ -6,7 +6,7 @@ Sources (all UTC):
   and per week (p75, within the sketch's 1 % relative accuracy), rated with the
   web.dev thresholds; the good / needs-improvement / poor shares of the week
   from ``rollup_metrics``;
-* traffic: events per day (``rollup_events``), active users per day and
+* traffic: events per day (``rollup_events_hourly``), active users per day and
   distinct over the week (``engagement_daily``);
 * funnel: the ordered funnel (``funnel.py``) of attempts started in each week
   (conversion window 24 h), steps 1 to 7 (processing completed), read from the
@@ -59,8 +59,8 @@ WHERE bucket_start >= $1 AND bucket_start < $2 AND name = ANY($3::text[])
 GROUP BY name
 """
 _EVENTS_SQL = """
-SELECT (bucket_start AT TIME ZONE 'UTC')::date AS day, sum(count)::bigint AS n
-FROM rollup_events WHERE bucket_start >= $1 AND bucket_start < $2 GROUP BY 1
+SELECT (hour_start AT TIME ZONE 'UTC')::date AS day, sum(count)::bigint AS n
+FROM rollup_events_hourly WHERE hour_start >= $1 AND hour_start < $2 GROUP BY 1
 """
 _USERS_SQL = """
 SELECT day, count(*)::bigint AS n FROM engagement_daily WHERE day >= $1 AND day < $2 GROUP BY day
