@@ -45,9 +45,6 @@ WHERE hour_start >= $1 AND hour_start < $2 GROUP BY hour_start
 _HOUR_IDS_SQL = """
 SELECT session_id, user_id FROM rollup_sessions WHERE hour_start = $1
 """
-_RANGE_IDS_SQL = """
-SELECT session_id, user_id FROM rollup_sessions WHERE hour_start = ANY($1::timestamptz[])
-"""
 _RANGE_ROWS_SQL = """
 SELECT hour_start, session_id, user_id FROM rollup_sessions WHERE hour_start = ANY($1::timestamptz[])
 """
@@ -161,70 +158,19 @@ class Sketches:
         self.built += made
         return made
 
-    async def hour_counts(self, conn: Connection, start: datetime, now: datetime) -> dict[datetime, int]:
-        """Exact distinct sessions per hour from `start`: the row count kept with a sealed
-        hour's sketch, ``count(*)`` for the others."""
-        sealed = sealed_before(now)
-        counts = {
-            r["hour_start"]: int(r["source_rows"])
-            for r in await conn.fetch(_STORED_SQL, start, floor_hour(now))
-            if r["kind"] == "sessions" and r["hour_start"] < sealed
-        }
-        missing = [h for h in _hours(start, floor_hour(now) + HOUR) if h not in counts]
-        if missing:
-            for r in await conn.fetch(
-                "SELECT hour_start, count(*)::bigint AS n FROM rollup_sessions"
-                " WHERE hour_start = ANY($1::timestamptz[]) GROUP BY hour_start",
-                missing,
-            ):
-                counts[r["hour_start"]] = int(r["n"])
-        return counts
-
-    async def estimate(self, conn: Connection, start: datetime, now: datetime) -> Estimate:
-        """Distinct sessions and users in the hours from `start` (an hour start) to the one holding `now`."""
-        return (await self.estimate_buckets(conn, [start], now))[0]
-
-    async def estimate_buckets(
-        self, conn: Connection, starts: Sequence[datetime], now: datetime
-    ) -> list[Estimate]:
-        """One estimate per bucket: bucket i covers the hours from starts[i] to starts[i+1]
-        (the last one to the hour holding `now`)."""
-        last_hour = floor_hour(now)
-        sealed = sealed_before(now)
-        stored = await conn.fetch(_STORED_SQL, starts[0], last_hour)
-        by_hour: dict[datetime, dict[str, bytes]] = {}
-        for r in stored:
-            if r["hour_start"] < sealed:
-                by_hour.setdefault(r["hour_start"], {})[r["kind"]] = r["sketch"]
-        ends = [*starts[1:], last_hour + HOUR]
-        out = []
-        for start, end in zip(starts, ends, strict=True):
-            hours = _hours(start, end)
-            unions = {kind: hll_union(LG_K) for kind in KINDS}
-            exact = [h for h in hours if len(by_hour.get(h, {})) < len(KINDS)]
-            for h in hours:
-                if h not in exact:
-                    for kind in KINDS:
-                        unions[kind].update(hll_sketch.deserialize(by_hour[h][kind]))
-            if exact:
-                sessions, users = sketches_of(await conn.fetch(_RANGE_IDS_SQL, exact))
-                unions["sessions"].update(sessions)
-                unions["users"].update(users)
-            out.append(
-                Estimate(
-                    sessions=round(unions["sessions"].get_estimate()),
-                    users=round(unions["users"].get_estimate()),
-                    sketched_hours=len(hours) - len(exact),
-                    exact_hours=len(exact),
-                )
-            )
-        return out
-
     async def window(self, conn: Connection, starts: Sequence[datetime], now: datetime) -> WindowEstimate:
-        """Per bucket (as :meth:`estimate_buckets`), the whole window (as :meth:`estimate`
-        from ``starts[0]``) and the exact sessions per hour (as :meth:`hour_counts`) with one
-        read of the stored sketches and of the unsketched hours' rows, each hour's sketch
-        deserialized once and added to its bucket's union and the window's."""
+        """Distinct sessions and users per bucket and over the whole window, and the exact
+        sessions per hour, from the hours starting at ``starts[0]`` to the one holding `now`;
+        bucket i covers the hours from ``starts[i]`` to ``starts[i + 1]`` (the last one to the
+        hour holding `now`).
+
+        One read of the stored sketches and one of the unsketched hours' rows (the hours not
+        sealed yet, and any sealed hour without its sketch); every hour contributes one
+        sketch (stored, or made from its rows), added in hour order to its bucket's union and
+        to the window's. An HLL union's estimate depends on how its inputs are grouped, not
+        only on their union; hour by hour in order, the window's total is the same whatever
+        the buckets (a 7d window's total equals that of the same hours in one bucket).
+        """
         last_hour = floor_hour(now)
         sealed = sealed_before(now)
         by_hour: dict[datetime, dict[str, bytes]] = {}
@@ -242,25 +188,25 @@ class Sketches:
                 exact_rows[r["hour_start"]].append(r)
         for h in exact:
             hour_sessions[h] = len(exact_rows[h])  # one row per (hour, session)
+
+        def hour_sketches(hour: datetime) -> tuple[hll_sketch, hll_sketch]:
+            if hour in exact_rows:
+                return sketches_of(exact_rows[hour])
+            stored = by_hour[hour]
+            return hll_sketch.deserialize(stored["sessions"]), hll_sketch.deserialize(stored["users"])
+
         total = {kind: hll_union(LG_K) for kind in KINDS}
         ends = [*starts[1:], last_hour + HOUR]
         buckets = []
         for start, end in zip(starts, ends, strict=True):
             bucket_hours = _hours(start, end)
             unions = {kind: hll_union(LG_K) for kind in KINDS}
-            bucket_exact = [h for h in bucket_hours if h in exact_rows]
             for h in bucket_hours:
-                if h not in exact_rows:
-                    for kind in KINDS:
-                        hour_sketch = hll_sketch.deserialize(by_hour[h][kind])
-                        unions[kind].update(hour_sketch)
-                        total[kind].update(hour_sketch)
-            if bucket_exact:
-                sessions, users = sketches_of(r for h in bucket_exact for r in exact_rows[h])
-                for kind, exact_sketch in (("sessions", sessions), ("users", users)):
-                    unions[kind].update(exact_sketch)
-                    total[kind].update(exact_sketch)
-            buckets.append(_estimate(unions, len(bucket_hours) - len(bucket_exact), len(bucket_exact)))
+                for kind, hour_sketch in zip(KINDS, hour_sketches(h), strict=True):
+                    unions[kind].update(hour_sketch)
+                    total[kind].update(hour_sketch)
+            bucket_exact = sum(1 for h in bucket_hours if h in exact_rows)
+            buckets.append(_estimate(unions, len(bucket_hours) - bucket_exact, bucket_exact))
         return WindowEstimate(
             buckets=buckets,
             total=_estimate(total, len(hours) - len(exact), len(exact)),

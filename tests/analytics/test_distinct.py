@@ -100,12 +100,13 @@ async def test_large_sets_within_two_percent(client: Client, admin_pg: asyncpg.C
     assert hours[first] == sum(1 for h, _, _ in rows if h == first)
 
 
-async def test_one_pass_window_equals_the_separate_reads(
+async def test_window_counts_sketched_missing_and_unsealed_hours(
     client: Client, admin_pg: asyncpg.Connection
 ) -> None:
-    """Sketches.window (what the dashboard reads) gives, per 6-hour bucket, over the window and
-    per hour, what estimate_buckets, estimate and hour_counts give separately: over sketched
-    hours, a sealed hour whose sketch is missing and the current (unsealed) hour."""
+    """Sketches.window (what the dashboard reads) over sketched hours, a sealed hour whose
+    sketch is missing and the current (unsealed) hour: per 6-hour bucket and over the window
+    within the sketch's error of exact, the sessions per hour exact, and the window's total
+    the same whatever the buckets (each hour's sketch added in hour order)."""
     now = datetime.now(UTC)
     schema = client.app.schema
     first = floor_hour(now) - 20 * HOUR
@@ -126,9 +127,20 @@ async def test_one_pass_window_equals_the_separate_reads(
     assert client.app.pool is not None
     async with client.app.pool.acquire() as conn:
         one_pass = await sketches.window(conn, starts, now)
-        assert one_pass.buckets == await sketches.estimate_buckets(conn, starts, now)
-        assert one_pass.total == await sketches.estimate(conn, first, now)
-        assert one_pass.hour_sessions == await sketches.hour_counts(conn, first, now)
+        whole = await sketches.window(conn, [first], now)
+        hourly = await sketches.window(conn, [first + k * HOUR for k in range(21)], now)
+    assert whole.total == hourly.total == one_pass.total
+    assert whole.buckets == [whole.total]
+    per_hour = {first + k * HOUR: sum(1 for h, _, _ in rows if h == first + k * HOUR) for k in range(21)}
+    assert one_pass.hour_sessions == per_hour
+    # An hour's own sketch is exact at this size (a few hundred ids: the sketch's list mode).
+    assert [b.sessions for b in hourly.buckets] == [per_hour[h] for h in sorted(per_hour)]
+    for k, (start, bucket) in enumerate(zip(starts, one_pass.buckets, strict=True)):
+        end = starts[k + 1] if k + 1 < len(starts) else floor_hour(now) + HOUR
+        exact = len({s for h, s, _ in rows if start <= h < end})
+        assert abs(bucket.sessions - exact) / exact < 0.02, (k, bucket, exact)
+    exact_sessions = len({s for _, s, _ in rows})
+    assert abs(one_pass.total.sessions - exact_sessions) / exact_sessions < 0.02
     # Read exactly: the hour without its sketch and the unsealed ones (the current hour, and
     # the one before during the first minutes of an hour).
     unsealed = sum(1 for k in range(21) if first + k * HOUR >= sealed_before(now))
