@@ -6,7 +6,7 @@ An open task's state is refreshed once per interval (short while queued or
 running); the poll that finds it due is answered at once and the refresh runs in
 the background (:meth:`TaskRefresher.refresh_ahead`), at most one at a time per
 task from this replica, and not again before the interval has passed since the
-last one ended. A refresh (or a cold miss) reads the
+last one ended (:class:`RefreshMemory`). A refresh (or a cold miss) reads the
 row; only the replica that wins a Redis lease on the task (one per refresh
 interval) asks RunningHub, so concurrent polls cause at most one upstream call
 per task and interval across all replicas. Ended tasks are cached long and never
@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -62,6 +62,66 @@ class TaskTimings:
     refresh_concurrency: int = 16  # background refreshes at once, per replica
 
 
+class RefreshMemory:
+    """Per task, whether this replica may start a refresh of it now.
+
+    A task is *busy* from :meth:`begin` until :meth:`end` (however slow RunningHub
+    is), then *resting* for the `interval` given to :meth:`end`; :meth:`may_start`
+    is False while it is busy or resting, so at most one refresh per task runs at a
+    time and none starts within an interval of the last one's end.
+
+    Bounded: an entry whose rest is over means the same as no entry, so it is
+    dropped. Resting entries are kept in the order their rest began and dropped
+    from the oldest while the oldest's rest is over; each entry is added and
+    dropped once, so this is amortised O(1) per call. Every entry kept behind an
+    unexpired oldest one began resting after it, i.e. within the longest interval
+    given to :meth:`end`; so the memory holds at most the refreshes in progress plus
+    those that ended within the last such interval (at 1000 open tasks polled
+    every 3 s: about 1000 entries, whatever the number of tasks seen over time).
+
+    `clock`: monotonic seconds (tests pass their own).
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._busy: set[str] = set()
+        # task -> clock time its rest ends, in the order the rests began
+        self._resting: OrderedDict[str, float] = OrderedDict()
+
+    def may_start(self, key: str) -> bool:
+        now = self._clock()
+        self._prune(now)
+        return key not in self._busy and self._resting.get(key, now) <= now
+
+    def begin(self, key: str) -> None:
+        """A refresh of `key` starts: busy until :meth:`end`."""
+        self._resting.pop(key, None)
+        self._busy.add(key)
+
+    def end(self, key: str, interval: float) -> None:
+        """The refresh of `key` is over: no other starts for `interval` seconds."""
+        now = self._clock()
+        self._busy.discard(key)
+        self._resting.pop(key, None)
+        self._resting[key] = now + interval
+        self._prune(now)
+
+    def busy(self, key: str) -> bool:
+        """A refresh of `key` is in progress."""
+        return key in self._busy
+
+    def __len__(self) -> int:
+        return len(self._busy) + len(self._resting)
+
+    def _prune(self, now: float) -> None:
+        resting = self._resting
+        while resting:
+            key, until = next(iter(resting.items()))
+            if until > now:
+                return
+            del resting[key]
+
+
 class TaskRefresher:
     """Records RunningHub's word on open tasks and publishes task states to the cache."""
 
@@ -82,8 +142,7 @@ class TaskRefresher:
         self.timings = timings
         self.end_listeners: list[EndListener] = []
         self._background: set[asyncio.Task[Any]] = set()
-        # task id -> monotonic time before which this replica does not try to refresh it again
-        self._refresh_tried: dict[str, float] = {}
+        self.memory = RefreshMemory()
         # Many tasks due together (started together, or a cold replica) are refreshed
         # so many at a time rather than crowding the polls off the event loop. Enough
         # for RunningHub's concurrency (at most 50 running tasks per key) at its latency.
@@ -129,12 +188,9 @@ class TaskRefresher:
     def refresh_ahead(self, tid: uuid.UUID, key: str, status: str) -> None:
         """The state is due: refresh it in the background, at most once per interval
         from this replica (the lease makes it once across replicas)."""
-        now = time.monotonic()
-        if self._refresh_tried.get(key, 0.0) > now:
+        if not self.memory.may_start(key):
             return
-        if len(self._refresh_tried) >= 10_000:
-            self._refresh_tried = {k: t for k, t in self._refresh_tried.items() if t > now}
-        self._refresh_tried[key] = math.inf  # until this refresh is over, however slow RunningHub is
+        self.memory.begin(key)
         self.spawn(self._refresh_in_background(tid, key, self.interval(status)))
 
     async def _refresh_in_background(self, tid: uuid.UUID, key: str, interval: float) -> None:
@@ -144,7 +200,7 @@ class TaskRefresher:
         except Exception:
             log.exception("background task refresh failed", extra={"task_id": str(tid)})
         finally:
-            self._refresh_tried[key] = time.monotonic() + interval
+            self.memory.end(key, interval)
 
     async def _refresh_due(self, tid: uuid.UUID) -> None:
         row = await self._store.get(tid)
