@@ -27,6 +27,12 @@ def fmt_count(value: int) -> str:
     return f"{value:,}"
 
 
+def fmt_period(data: WeeklyData) -> str:
+    """The report's seven days, e.g. "01 Dec \u2013 07 Dec 2026 (UTC)"."""
+    first, last = data.days[0], data.days[-1]
+    return f"{first:%d %b} \u2013 {last:%d %b %Y} (UTC)"
+
+
 def fmt_change(now: float, before: float) -> str:
     """ "+12%" / "-3%" / "new" for a relative change."""
     if before == 0:

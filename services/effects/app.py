@@ -23,7 +23,8 @@ from .reporting import TaskEndReporter
 from .runninghub import ClientOptions, Regions, RunningHubClient
 from .servicer import EffectsServicer
 from .taskcache import TASK_CACHE_OPTIONS
-from .tasks import Tasks, TaskTimings
+from .taskrefresh import TaskTimings
+from .tasks import Tasks
 from .taskstore import TaskStore
 from .uploads import Uploads
 from .webhooks import WebhookReceiver, WebhookTokens

@@ -4,8 +4,8 @@ word from RunningHub.
 
 A poll is answered from the cache alone: an open task whose state is due for a
 refresh is still answered at once, and the refresh runs in the background (one
-per task and interval across replicas, by the Redis lease in tasks.py), so no
-poll waits on RunningHub, the database or the lease. The cached state is kept
+per task and interval across replicas, by the Redis lease in taskrefresh.py), so
+no poll waits on RunningHub, the database or the lease. The cached state is kept
 for `HOLD_INTERVALS` refresh intervals, so a task polled now and then stays
 cached between refreshes.
 """

@@ -15,7 +15,9 @@ RPCs until none has arrived for a moment (at most SHUTDOWN_DRAIN_SECONDS), so ca
 already on their way are taken rather than dropped; then it stops taking RPCs (new
 ones get UNAVAILABLE) and gives those in flight SHUTDOWN_GRACE_SECONDS; only then
 are background tasks cancelled and the shutdown hooks run (the analytics committer
-keeps flushing until the last in-flight request is answered).
+keeps flushing until the last in-flight request is answered). The draining is
+:mod:`.draining`; readiness following PostgreSQL, and the dependency checks, are
+:mod:`.dependencies`.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import Gauge, start_http_server
+from prometheus_client import start_http_server
 
 from cosnap.monitoring.v1 import monitoring_pb2_grpc
 
@@ -44,6 +46,8 @@ from .auth import Access, ServiceTokens
 from .channels import service_channel
 from .clock import SYSTEM_CLOCK, Clock
 from .config import ServiceSettings
+from .dependencies import dependency_status, watch_database, watch_redis
+from .draining import Arrivals
 from .interceptors import ServiceInterceptor, TimingSink
 from .redis_client import RedisClient, connect_redis
 from .reporter import MonitoringReporter, ReporterSettings, cache_counts, default_instance
@@ -53,49 +57,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# After SIGTERM, how long the server must see no new RPC before it stops taking them.
-DRAIN_QUIET_SECONDS = 0.1
-
 
 class ListenError(RuntimeError):
     """A port the service must listen on cannot be bound (in use, or not allowed)."""
 
 
-SHUTTING_DOWN = "the service is shutting down: re-send the request"
-
-
-async def _refuse(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-    await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
-
-
-class _Arrivals(grpc.aio.ServerInterceptor):
-    """Notes when the last RPC arrived, so shutdown can tell when arrivals stop; once
-    `refusing`, answers the services' new RPCs UNAVAILABLE (health and reflection go on)."""
-
-    def __init__(self, services: Callable[[], list[str]]) -> None:
-        self.last = 0.0
-        self.refusing = False
-        self._services = services
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        self.last = time.monotonic()
-        handler = await continuation(details)
-        if not self.refusing or handler is None:
-            return handler
-        if details.method.rpartition("/")[0][1:] not in self._services():
-            return handler
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                _refuse, request_deserializer=handler.request_deserializer
-            )
-        return grpc.unary_unary_rpc_method_handler(_refuse, request_deserializer=handler.request_deserializer)
-
-
-DEPENDENCY_UP = Gauge("service_dependency_up", "1 while a dependency answers.", ["dependency"])
 Hook = Callable[[], Awaitable[Any]]
 LIVENESS = "liveness"
 
@@ -122,7 +88,7 @@ class ServiceApp:
         self._server: grpc.aio.Server | None = None
         self._metrics_server: Any = None
         self._stopping = asyncio.Event()
-        self._arrivals = _Arrivals(lambda: self.service_names)
+        self._arrivals = Arrivals(lambda: self.service_names)
         self._db_watch: asyncio.Future[None] | None = None
         self.timing_sink: TimingSink | None = None
         # The clock tokens are judged by, and this service's own `service` token (for calling
@@ -276,8 +242,10 @@ class ServiceApp:
         await self._server.start()
         await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         await self._set_ready(True)
-        self._db_watch = asyncio.ensure_future(self._watch_database())
-        self.run_in_background(self._watch_redis(), "watch-redis")
+        self._db_watch = asyncio.ensure_future(
+            watch_database(self.settings.database_url, self._stopping, self._database_health)
+        )
+        self.run_in_background(watch_redis(lambda: self.redis), "watch-redis")
         self._start_reporter()
         log.info(
             "serving",
@@ -320,19 +288,6 @@ class ServiceApp:
         if self.timing_sink is not None:
             self.timing_sink(method, code, ms)
 
-    async def _watch_redis(self, interval: float = 2.0) -> None:
-        """`service_dependency_up{dependency="redis"}` follows a PING every `interval` s."""
-        while True:
-            try:
-                assert self.redis is not None
-                async with asyncio.timeout(interval):
-                    await self.redis.ping()
-                up = True
-            except Exception:  # any failure to answer counts
-                up = False
-            DEPENDENCY_UP.labels("redis").set(1 if up else 0)
-            await asyncio.sleep(interval)
-
     async def _set_ready(self, ready: bool) -> None:
         status = (
             health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -341,67 +296,17 @@ class ServiceApp:
         for descriptor, _, _ in self._services:
             await self.health.set(descriptor.full_name, status)
 
-    async def _watch_database(self, interval: float = 2.0, failures_to_trip: int = 2) -> None:
-        """Readiness follows PostgreSQL: NOT_SERVING while it is down, back when it returns.
-
-        The probe has a connection of its own, so a pool busy with real work
-        never reads as an outage, and it takes `failures_to_trip` failed checks
-        in a row to turn readiness off (one slow answer under load is not down).
-        """
-        conn: asyncpg.Connection | None = None
-        failures = 0
-        try:
-            # Ends at shutdown between checks (never cancelled inside a query, which would
-            # leave asyncpg's cancel request running past the end of the loop).
-            while not self._stopping.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), interval)
-                if self._stopping.is_set():
-                    break
-                try:
-                    if conn is None or conn.is_closed():
-                        conn = await asyncpg.connect(self.settings.database_url, timeout=interval)
-                    await conn.fetchval("SELECT 1", timeout=interval)
-                    failures = 0
-                except Exception as exc:  # any failure to answer counts
-                    failures += 1
-                    if conn is not None:
-                        conn.terminate()
-                        conn = None
-                    if failures == failures_to_trip:
-                        log.error("postgres down", extra={"error": repr(exc)})
-                healthy = failures < failures_to_trip
-                DEPENDENCY_UP.labels("postgres").set(1 if healthy else 0)
-                if healthy != self.db_healthy:
-                    if healthy:
-                        log.info("postgres back")
-                    self.db_healthy = healthy
-                    if not self._stopping.is_set():
-                        await self._set_ready(healthy)
-        finally:
-            if conn is not None:
-                conn.terminate()
+    async def _database_health(self, healthy: bool) -> None:
+        """Readiness follows PostgreSQL (:func:`.dependencies.watch_database`):
+        NOT_SERVING while it is down, back when it returns (not while stopping)."""
+        self.db_healthy = healthy
+        if not self._stopping.is_set():
+            await self._set_ready(healthy)
 
     async def dependency_status(self) -> dict[str, tuple[str, float]]:
         """(status, check latency ms) of PostgreSQL and Redis: healthy,
         degraded (Redis down: serving from L1) or unhealthy."""
-        out: dict[str, tuple[str, float]] = {}
-        started = time.perf_counter()
-        try:
-            assert self.pool is not None
-            await db.ping(self.pool, timeout=1.0)
-            out["postgres"] = ("healthy", (time.perf_counter() - started) * 1000)
-        except Exception:
-            out["postgres"] = ("unhealthy", (time.perf_counter() - started) * 1000)
-        started = time.perf_counter()
-        try:
-            assert self.redis is not None
-            await self.redis.ping()
-            out["redis"] = ("healthy", (time.perf_counter() - started) * 1000)
-        except Exception:
-            out["redis"] = ("degraded", (time.perf_counter() - started) * 1000)
-        DEPENDENCY_UP.labels("redis").set(1 if out["redis"][0] == "healthy" else 0)
-        return out
+        return await dependency_status(self.pool, self.redis)
 
     async def stop(self) -> None:
         """Graceful shutdown; safe to call more than once."""
@@ -411,7 +316,7 @@ class ServiceApp:
         log.info("shutting down", extra={"grace_seconds": self.settings.shutdown_grace_seconds})
         await self.health.enter_graceful_shutdown()
         if self._server is not None:
-            await self._drain()
+            await self._arrivals.drain(lambda: self.in_flight, self.settings.shutdown_drain_seconds)
             await self._server.stop(self.settings.shutdown_grace_seconds)
         if self._db_watch is not None:
             await self._db_watch
@@ -440,43 +345,6 @@ class ServiceApp:
             await asyncio.to_thread(self._metrics_server.shutdown)
             self._metrics_server.server_close()
         log.info("stopped")
-
-    async def _drain(self) -> None:
-        """Before the server stops taking RPCs. Calls a client sent before SIGTERM may
-        still wait inside gRPC to be taken; stopping now would drop them (CANCELLED).
-        So: keep serving until no RPC has arrived for DRAIN_QUIET_SECONDS; then answer
-        new RPCs UNAVAILABLE (clients re-send elsewhere) until those in flight are
-        done and none has arrived for DRAIN_QUIET_SECONDS, each phase at most
-        SHUTDOWN_DRAIN_SECONDS. What still arrives after that
-        meets a stopped server."""
-        started = time.monotonic()
-        limit = self.settings.shutdown_drain_seconds
-        deadline = started + limit
-        while True:
-            now = time.monotonic()
-            quiet = now - max(self._arrivals.last, started)
-            if quiet >= DRAIN_QUIET_SECONDS or now >= deadline:
-                break
-            await asyncio.sleep(min(DRAIN_QUIET_SECONDS - quiet, deadline - now))
-        self._arrivals.refusing = True
-        drained = time.monotonic()
-        deadline = drained + limit
-        # Until those in flight are done and every client that kept sending was told.
-        while time.monotonic() < deadline and (  # noqa: ASYNC110 (counters, no event)
-            self._in_flight() > 0 or time.monotonic() - self._arrivals.last < DRAIN_QUIET_SECONDS
-        ):
-            await asyncio.sleep(0.01)
-        log.info(
-            "drained",
-            extra={
-                "serving_seconds": round(drained - started, 3),
-                "refusing_seconds": round(time.monotonic() - drained, 3),
-                "in_flight": self._in_flight(),
-            },
-        )
-
-    def _in_flight(self) -> int:
-        return self.in_flight
 
     async def serve_forever(self) -> None:
         """Start, wait for SIGTERM or SIGINT, shut down gracefully."""

@@ -4,7 +4,6 @@ task and refresh interval; the state-dependent cache lifetime."""
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from typing import Any
 
@@ -112,7 +111,7 @@ async def test_a_poll_due_for_a_refresh_does_not_wait_for_runninghub(effects_env
         status, body = await env.request("GET", path)
         assert (status, body["status"]) == (200, "QUEUED")  # the last known state
         # ... answered while the refresh it started is still in flight.
-        assert math.isinf(tasks._refresh_tried[task["taskId"]])
+        assert tasks.refresher.memory.busy(task["taskId"])
         assert env.calls("outputs") - before <= 1  # and no second call meanwhile
         await asyncio.sleep(0.05)
     assert env.calls("outputs") - before == 1

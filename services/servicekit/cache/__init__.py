@@ -20,14 +20,16 @@ objects: treat them as immutable.
 Modules, by concern: :mod:`.l1` (the in-process level), :mod:`.redis_state`
 (Redis availability, timeouts, backoff), :mod:`.invalidation` (broadcast,
 subscriber, replay after an outage), :mod:`.codec` (serializers, envelope),
-:mod:`.multilevel` (the public class).
+:mod:`.singleflight` (one load per key at a time), :mod:`.multilevel` (the
+public class), :mod:`.messages` (protobuf messages through a cache of bytes).
 """
 
 from __future__ import annotations
 
 from .codec import RAW_BYTES, bytes_passthrough, json_deserializer, json_serializer
+from .messages import get_or_load_message
 from .metrics import CACHE_LOADS, CACHE_REDIS_AVAILABLE, CACHE_REDIS_ERRORS, CACHE_REQUESTS
-from .multilevel import MultiLevelCache, get_or_load_message
+from .multilevel import MultiLevelCache
 
 __all__ = [
     "CACHE_LOADS",

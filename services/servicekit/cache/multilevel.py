@@ -1,18 +1,15 @@
 """The public face of the cache: :class:`MultiLevelCache` (reads through L1 then
-Redis then the loader, single-flight per key; writes and invalidations on every
-level and replica) and :func:`get_or_load_message`."""
+Redis then the loader, single-flight per key (:mod:`.singleflight`); writes and
+invalidations on every level and replica)."""
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import math
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar, cast
-
-from google.protobuf.message import Message
 
 from ..clock import SYSTEM_CLOCK, Clock
 from ..redis_client import RedisClient
@@ -21,20 +18,11 @@ from .invalidation import Invalidations
 from .l1 import L1, MISSING
 from .metrics import CACHE_LOADS, CACHE_REQUESTS
 from .redis_state import RedisLink
+from .singleflight import Flight, Flights
 
 log = logging.getLogger("services.servicekit.cache")
 
 T = TypeVar("T")
-
-
-class _Flight:
-    """One in-progress load; ``stale`` is set when the key is invalidated meanwhile."""
-
-    __slots__ = ("stale", "task")
-
-    def __init__(self) -> None:
-        self.task: asyncio.Task[Any] | None = None
-        self.stale = False
 
 
 class MultiLevelCache(Generic[T]):
@@ -97,7 +85,7 @@ class MultiLevelCache(Generic[T]):
             drop_prefix=self._drop_local_prefix,
         )
         self.channel = self._inv.channel
-        self._flights: dict[str, _Flight] = {}
+        self._flights = Flights()
         self._epoch = 0  # bumped by every local drop; guards L1 fills of plain get()
 
         self._l1_hits = 0
@@ -132,10 +120,7 @@ class MultiLevelCache(Generic[T]):
 
     async def close(self) -> None:
         """Stop the subscriber and cancel in-progress loads. The Redis client stays open."""
-        tasks = [f.task for f in self._flights.values() if f.task is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._flights.cancel_all()
         await self._inv.close()
 
     async def __aenter__(self) -> MultiLevelCache[T]:
@@ -240,14 +225,8 @@ class MultiLevelCache(Generic[T]):
         value = self._l1_get(key)
         if value is not MISSING:
             return cast(T, value)
-        flight = self._flights.get(key)
-        if flight is None:
-            flight = _Flight()
-            task = asyncio.create_task(self._load(key, loader, ttl, flight))
-            flight.task = task
-            self._flights[key] = flight
-            task.add_done_callback(functools.partial(self._flight_done, key, flight))
-        else:
+        flight, joined = self._flights.join(key, lambda f: self._load(key, loader, ttl, f))
+        if joined:
             self._coalesced += 1
         assert flight.task is not None
         return cast(T, await asyncio.shield(flight.task))
@@ -302,15 +281,11 @@ class MultiLevelCache(Generic[T]):
     def _drop_local_prefix(self, key_prefix: str) -> None:
         self._epoch += 1
         self._l1.drop_prefix(key_prefix)
-        for k, flight in self._flights.items():
-            if k.startswith(key_prefix):
-                flight.stale = True
+        self._flights.mark_stale_prefix(key_prefix)
 
     def _mark_flight_stale(self, key: str) -> None:
         self._epoch += 1
-        flight = self._flights.get(key)
-        if flight is not None:
-            flight.stale = True
+        self._flights.mark_stale(key)
 
     # ------------------------------------------------------------------ loading
 
@@ -319,7 +294,7 @@ class MultiLevelCache(Generic[T]):
         key: str,
         loader: Callable[[], Awaitable[T]],
         ttl: float | Callable[[T], float],
-        flight: _Flight,
+        flight: Flight,
     ) -> T:
         cached = await self._l2_get(key, flight)
         if cached is not MISSING:
@@ -341,15 +316,9 @@ class MultiLevelCache(Generic[T]):
                 await self._link.call(lambda: self._redis.set(self.redis_key(key), raw, px=_px(seconds)))
         return value
 
-    def _flight_done(self, key: str, flight: _Flight, task: asyncio.Task[Any]) -> None:
-        if self._flights.get(key) is flight:
-            del self._flights[key]
-        if not task.cancelled():
-            task.exception()  # retrieved here too, so an unawaited failure logs nothing
-
     # ------------------------------------------------------------------ L2
 
-    async def _l2_get(self, key: str, flight: _Flight | None) -> Any:
+    async def _l2_get(self, key: str, flight: Flight | None) -> Any:
         """Value from Redis (also put in L1), or MISSING on a miss or when Redis is unusable.
 
         An entry whose expiry (on the cache's clock) has passed is a miss. L1 is not filled
@@ -389,22 +358,3 @@ class MultiLevelCache(Generic[T]):
 def _px(ttl: float) -> int:
     """Redis expiry in ms of an entry living ``ttl`` seconds (Redis frees it on real time)."""
     return max(1, math.ceil(ttl * 1000))
-
-
-M = TypeVar("M", bound=Message)
-
-
-async def get_or_load_message(
-    cache: MultiLevelCache[bytes],
-    key: str,
-    message_type: type[M],
-    loader: Callable[[], Awaitable[M]],
-    ttl: float,
-) -> M:
-    """A protobuf message through a cache of raw bytes (:data:`RAW_BYTES`): stored
-    serialized, so L1, Redis and every replica hold the same bytes."""
-
-    async def load() -> bytes:
-        return (await loader()).SerializeToString()
-
-    return message_type.FromString(await cache.get_or_load(key, load, ttl))
