@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from pydantic import Field
@@ -143,7 +143,9 @@ async def wire(app: ServiceApp) -> None:
         # a computed report (a cache miss) counts every step committed before it.
         if await business.preagg.steps_current(since, until):
             return None
-        return await business.preagg.run_once(min_age_seconds=0)
+        first, last = since.astimezone(UTC).date(), until.astimezone(UTC).date()
+        days = [first + timedelta(days=i) for i in range((last - first).days + 1)]
+        return await business.preagg.run_once(min_age_seconds=0, check_days=days)
 
     funnels = FunnelReports(
         pool, await app.cache("funnel", **RAW_BYTES), settings.analytics_funnel_ttl_seconds, refresh_walks

@@ -42,7 +42,7 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 
@@ -126,10 +126,11 @@ class Preaggregator:
         *,
         min_age_seconds: float | None = None,
         full_check: bool | None = None,
+        check_days: Iterable[date] = (),
     ) -> PassResult:
-        """One pass: apply the logged changes, recompute the days whose counts are off (every
-        day's compared when ``full_check``, by default every ``full_check_seconds``), delete
-        what expired."""
+        """One pass: apply the logged changes, recompute the days whose counts are off (those
+        changed, those put off before and ``check_days`` compared; every day when
+        ``full_check``, by default every ``full_check_seconds``), delete what expired."""
         from services.analytics import engagement  # here: it imports this module
 
         now = now or datetime.now(UTC)
@@ -158,6 +159,7 @@ class Preaggregator:
                     # The days to compare with the ingest's counts: those changed, those put
                     # off before, or all. Not the oldest day: its rollups go hour by hour.
                     check = set(result.changed_days)
+                    check.update(check_days)
                     check.update(
                         r["day"] for r in await conn.fetch("SELECT day FROM preagg_days WHERE stale")
                     )
@@ -239,6 +241,23 @@ class Preaggregator:
         async with self._pool.acquire() as conn:
             rows = await conn.fetch(_STEPS_CURRENT_SQL, _midnight(first), _midnight(last + timedelta(days=1)))
         return all(r["stored"] == r["now"] for r in rows)
+
+    async def recompute_day(self, day: date, now: datetime | None = None) -> None:
+        """Recompute one day whole from the raw rows, then every user's scores, under the
+        pass lock: what a pass did for each changed day before the change log (the
+        benchmark's baseline)."""
+        from services.analytics import engagement
+
+        now = now or datetime.now(UTC)
+        oldest = _midnight((now - timedelta(days=self.retention_days)).date())
+        async with self._local, self._pool.acquire() as conn:
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_lock($1)", self._lock_key)
+            try:
+                await self._refresh_day(conn, day, now, oldest)
+                await engagement.store_scores(conn, now.astimezone(UTC).date())
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock($1)", self._lock_key)
 
     async def _refresh_day(self, conn: Connection, day: date, now: datetime, oldest: datetime) -> None:
         """Recompute one day whole from the raw rows, in one REPEATABLE READ transaction
