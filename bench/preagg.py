@@ -40,6 +40,9 @@ from bench.cpu import cpu_seconds
 from bench.datagen import DATABASE_URL, LONG
 from cosnap.analytics.v1 import analytics_pb2, analytics_pb2_grpc
 from services.analytics import app as analytics_app
+from services.analytics.ingest import sql
+from services.analytics.ingest.rows import EVENTS
+from services.analytics.partitions import PartitionMaintainer
 from services.analytics.preagg import Preaggregator
 from services.analytics.vitals import FUNNEL_STEPS
 from services.servicekit import db
@@ -172,6 +175,71 @@ async def run(day_events: int, news: list[int], rounds: int) -> dict[str, Any]:
     return result
 
 
+async def ingest_cost(flushes: int, batch: int, blocks: int = 10) -> dict[str, Any]:
+    """PostgreSQL CPU per events flush (the optimistic statement, then COMMIT) with and
+    without the change-log CTE, in alternating blocks of ``flushes // blocks`` flushes on one
+    connection; rows as ``bench/ingest.py`` makes them (session n % 997, a user on every
+    fourth event, n % 331: about one change row per identified event, the worst case)."""
+    schema = f"bench_preagg_{uuid.uuid4().hex[:8]}"
+    await db.migrate_dsn(DATABASE_URL, schema, analytics_app.MIGRATIONS)
+    partitions_pool = await db.create_pool(DATABASE_URL, schema, min_size=1, max_size=1)
+    try:
+        await PartitionMaintainer(partitions_pool, schema, retention_days=3, days_ahead=1).run_once()
+    finally:
+        await partitions_pool.close()
+    with_log = sql.EVENTS_FAST_SQL
+    without = with_log.replace(", " + sql.EVENT_CHANGES.format(src="pg_temp.stage_events"), "")
+    assert without != with_log
+    conn = await asyncpg.connect(DATABASE_URL, server_settings={"search_path": f'"{schema}",public'})
+    try:
+        await conn.execute(sql.SESSION_SETUP)
+        await conn.execute(EVENTS.staging_ddl())
+        pid = conn.get_server_pid()
+        cpu = {"with": 0.0, "without": 0.0}
+        done = {"with": 0, "without": 0}
+        now = datetime.now(UTC)
+        per_block = max(1, flushes // blocks)
+        n = 0
+        for b in range(2 * blocks):
+            variant = "with" if b % 2 == 0 else "without"
+            statement = with_log if variant == "with" else without
+            started = cpu_seconds(pid)
+            for _ in range(per_block):
+                rows = []
+                for _ in range(batch):
+                    rows.append(
+                        (
+                            0,
+                            f"c{n}",
+                            f"sess-{n % 997}",
+                            f"user-{n % 331}" if n % 4 == 0 else None,
+                            datagen.EVENT_TYPES[n % len(datagen.EVENT_TYPES)],
+                            datagen.PAGES[n % len(datagen.PAGES)],
+                            None,
+                            now,
+                        )
+                    )
+                    n += 1
+                async with conn.transaction():
+                    await conn.copy_records_to_table(
+                        EVENTS.stage, records=rows, columns=EVENTS.copy_columns, schema_name="pg_temp"
+                    )
+                    await conn.execute(statement)
+            cpu[variant] += cpu_seconds(pid) - started
+            done[variant] += per_block
+    finally:
+        await conn.close()
+        await datagen.drop(schema)
+    per = {v: cpu[v] / done[v] / batch * 1e6 for v in cpu}
+    return {
+        "batch": batch,
+        "flushes_each": done["with"],
+        "pg_cpu_us_per_event_with_log": round(per["with"], 2),
+        "pg_cpu_us_per_event_without": round(per["without"], 2),
+        "ratio": round(per["with"] / per["without"], 3),
+    }
+
+
 def print_result(result: dict[str, Any]) -> None:
     print(
         f"pre-aggregation benchmark: today {result['day_events']:,} events and {result['day_steps']:,} "
@@ -194,7 +262,18 @@ def main() -> None:
     parser.add_argument("--day-events", type=int, default=600_000, help="events loaded over today")
     parser.add_argument("--new", default="1000,10000", help="new events per pass, comma-separated")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--ingest-cost",
+        type=int,
+        default=0,
+        metavar="FLUSHES",
+        help="instead: PostgreSQL CPU per events flush with and without the change log (batches 200, 3000)",
+    )
     args = parser.parse_args()
+    if args.ingest_cost:
+        for batch in (200, 3000):
+            print(json.dumps(asyncio.run(ingest_cost(args.ingest_cost, batch)), default=str), flush=True)
+        return
     news = [int(n) for n in args.new.split(",")]
     print_result(asyncio.run(run(args.day_events, news, args.rounds)))
 

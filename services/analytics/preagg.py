@@ -1,6 +1,6 @@
 """Pre-aggregation of the raw events and funnel steps for the business reports.
 
-Three tables are kept from the raw rows, one UTC day at a time:
+Three tables are kept from the raw rows (and the engagement scores from the first):
 
 * ``engagement_daily``: per day and identified user (``user_id`` not empty),
   the counts the engagement score weighs (``services/analytics/engagement.py``):
@@ -20,19 +20,54 @@ Three tables are kept from the raw rows, one UTC day at a time:
   at most 200 characters.
 * ``funnel_walks``: the ordered funnel's walks per session and step-1
   occurrence (``services/analytics/funnel_walks.py``), for every session
-  with a step that day.
+  with a step.
 
-**Which days are recomputed.** The ingest's rollups (``rollup_events``,
-``rollup_funnel``) hold exact per-bucket counts, written in the same
-transaction as the raw rows; ``task_ends`` is counted per day directly (it is
-small and indexed on ``occurred_at``). A pass sums them per day and recomputes each day
-whose counts differ from the ones stored in ``preagg_days`` when it was last
-computed (new rows, late rows with old timestamps alike), unless it was
-recomputed less than ``min_age`` seconds ago (today, under constant traffic,
-is recomputed at most that often). A day's recomputation deletes and reinserts
-its rows in one REPEATABLE READ transaction, so the counts recorded are those
-of the rows aggregated. Passes are serialised across replicas by an advisory
-lock. Rows older than the retention are deleted by the same pass.
+The session's first event and first identified event are ordered by
+``occurred_at``, then ``event_id`` in byte order.
+
+**Incremental passes: the change log.** Each ingest flush appends, in its own
+transaction and in the same statement as the raw rows (one CTE per kind,
+``services/analytics/ingest/sql.py``), what its *new* rows change to
+``preagg_changes`` (migration 0025): per UTC day, session and user, the counts
+of events, steps (by step) and task ends (succeeded ones), and for events the
+group's first event (``occurred_at``, ``event_id``, ``properties``). Rows the
+ingest refuses as duplicates are not in it. A pass, in one REPEATABLE READ
+transaction, takes out of the log exactly the rows its snapshot sees
+(``DELETE ... RETURNING``); as a flush commits its raw rows, rollups and change
+rows together, those are the change rows of the raw rows the pass reads, and a
+flush that commits during the pass (or began before it and commits after its
+snapshot, whatever its ``received_at``) leaves its change rows to the next
+pass. No watermark, no lag. It then
+
+* adds the counts to ``engagement_daily`` (``effect_runs`` from its parts,
+  kept per row: ``browser_runs``, ``server_ends``, ``server_runs``) and to
+  ``preagg_days`` (the ingest's counts of the day, as applied);
+* merges each session's candidates into ``session_sources``: the smaller
+  ``(occurred_at, event_id)`` wins, for the first event (source) and for the
+  first identified event (user) alike, so a late row with an old timestamp
+  moves the session's source or user exactly as a recomputation would;
+* re-walks the sessions with new steps from all their steps (``funnel_walks``);
+* re-stores the scores of the users whose days in the longest window moved
+  (``engagement.store_user_scores``); every user's when a day began.
+
+So a pass's work follows what arrived since the last one, not the day's size.
+
+**Whole days, as a safety net.** In the same snapshot the pass compares, for
+the days it changed (and any ``check_days`` a caller names, and days put off
+before), the counts it stored with the ingest's exact counts (the rollups
+``rollup_events`` / ``rollup_funnel``, written in the flush's transaction;
+``task_ends`` counted per day). A day that differs holds rows that came
+without a change row (written before migration 0025, which empties the tables
+so that the first pass rebuilds every day, or by a replica still running the
+older ingest): it is recomputed whole from the raw rows (delete and reinsert
+in one REPEATABLE READ transaction that also takes the day's change rows out
+of the log), at most every ``min_age`` seconds (a day put off is marked
+``stale`` and checked by every pass until done). Every day's counts are
+compared at a replica's first pass and then every ``full_check_seconds``.
+The oldest day kept is not compared: its rollups are deleted hour by hour.
+
+Passes are serialised across replicas by an advisory lock. Rows older than
+the retention are deleted by the same pass.
 """
 
 from __future__ import annotations
@@ -205,7 +240,7 @@ class Preaggregator:
         from services.analytics import engagement
 
         await conn.execute(preagg_sql.CONSUMED_DDL)
-        status = await conn.execute(preagg_sql.CONSUME_SQL, cutoff_day)
+        status = await conn.execute(preagg_sql.CONSUME_SQL, _midnight(cutoff_day))
         applied = int(status.rsplit(" ", 1)[-1])
         if not applied:
             await conn.execute("DROP TABLE consumed")
@@ -268,7 +303,7 @@ class Preaggregator:
             await conn.execute("SET LOCAL work_mem = '64MB'")
             counts = await conn.fetchrow(preagg_sql.DAY_COUNTS_SQL, start)
             assert counts is not None  # scalar subqueries: one row
-            await conn.execute("DELETE FROM preagg_changes WHERE day = $1", day)
+            await conn.execute("DELETE FROM preagg_changes WHERE day_start = $1", start)
             await conn.execute("DELETE FROM engagement_daily WHERE day = $1", day)
             await conn.execute(preagg_sql.DAY_ENGAGEMENT_SQL, day, start, end)
             await conn.execute(preagg_sql.DAY_SOURCES_SQL, start, end)

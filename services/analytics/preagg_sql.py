@@ -21,13 +21,13 @@ from __future__ import annotations
 
 # -- the change log --------------------------------------------------------------------------
 
-# $1: the first day kept. What the pass can see of the log, taken out of it; rows of
-# expired days are dropped with it.
+# $1: the first day kept (its midnight). What the pass can see of the log, taken out of
+# it, with each row's UTC day as a date; rows of expired days are dropped with it.
 CONSUME_SQL = """
 WITH d AS (DELETE FROM preagg_changes RETURNING *)
-INSERT INTO consumed SELECT * FROM d WHERE day >= $1
+INSERT INTO consumed SELECT (d.day_start AT TIME ZONE 'UTC')::date, d.* FROM d WHERE d.day_start >= $1
 """
-CONSUMED_DDL = "CREATE TEMP TABLE consumed (LIKE preagg_changes) ON COMMIT DROP"
+CONSUMED_DDL = "CREATE TEMP TABLE consumed (day date NOT NULL, LIKE preagg_changes) ON COMMIT DROP"
 
 # $1: refreshed_at of a day first seen. Returns the days touched.
 DAYS_ADD_SQL = """

@@ -98,12 +98,15 @@ SELECT
 # What the new rows change for the pre-aggregation (services/analytics/preagg.py): one row
 # per UTC day, session and user (events: with the group's count and first event; steps: its
 # counts by step), appended to preagg_changes in the flush's transaction.
-_DAY = "(occurred_at AT TIME ZONE 'UTC')::date"
+# The group's count is a window over the whole group, ordered as DISTINCT ON wants: one sort.
+_DAY = "date_bin('1 day', occurred_at, timestamptz 'epoch')"
 EVENT_CHANGES = f"""
 changes AS (
-    INSERT INTO preagg_changes (day, session_id, user_id, events, first_at, first_id, properties)
+    INSERT INTO preagg_changes (day_start, session_id, user_id, events, first_at, first_id, properties)
     SELECT DISTINCT ON (day, session_id, user_id)
-           day, session_id, user_id, count(*) OVER (PARTITION BY day, session_id, user_id),
+           day, session_id, user_id,
+           count(*) OVER (PARTITION BY day, session_id, user_id ORDER BY occurred_at, event_id
+                          ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING),
            occurred_at, event_id, properties
     FROM (SELECT {_DAY} AS day, session_id, coalesce(user_id, '') COLLATE "C" AS user_id,
                  occurred_at, event_id COLLATE "C" AS event_id, properties FROM {{src}}) c
@@ -111,7 +114,8 @@ changes AS (
 )"""
 STEP_CHANGES = f"""
 changes AS (
-    INSERT INTO preagg_changes (day, session_id, user_id, steps, uploads, browser_runs, downloads, shares)
+    INSERT INTO preagg_changes (day_start, session_id, user_id, steps, uploads, browser_runs, downloads,
+                                shares)
     SELECT {_DAY}, session_id, coalesce(user_id, ''), count(*), count(*) FILTER (WHERE step = 4),
            count(*) FILTER (WHERE step = 7), count(*) FILTER (WHERE step = 8),
            count(*) FILTER (WHERE step = 9)
@@ -303,7 +307,7 @@ TASK_ENDS_SQL = _once_by_key_sql(
     TASK_ENDS.names,
     ", user_id, status, occurred_at",
     f""", changes AS (
-    INSERT INTO preagg_changes (day, user_id, task_ends, server_runs)
+    INSERT INTO preagg_changes (day_start, user_id, task_ends, server_runs)
     SELECT {_DAY}, user_id, count(*), count(*) FILTER (WHERE status = 'SUCCEEDED') FROM new GROUP BY 1, 2
 )""",
 )

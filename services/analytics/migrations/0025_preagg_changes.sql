@@ -7,7 +7,9 @@
 -- reads) and deletes them. No index: the table only holds what arrived since
 -- the last pass, and is read whole.
 CREATE TABLE preagg_changes (
-    day          date             NOT NULL,
+    -- the UTC day, as its midnight: date_bin('1 day', occurred_at, epoch), cheaper
+    -- per row than (occurred_at AT TIME ZONE 'UTC')::date
+    day_start    timestamptz      NOT NULL,
     session_id   text COLLATE "C",           -- events, funnel steps
     user_id      text COLLATE "C" NOT NULL,  -- '' anonymous
     events       integer          NOT NULL DEFAULT 0,
