@@ -175,11 +175,13 @@ async def run(day_events: int, news: list[int], rounds: int) -> dict[str, Any]:
     return result
 
 
-async def ingest_cost(flushes: int, batch: int, blocks: int = 10) -> dict[str, Any]:
+async def ingest_cost(flushes: int, batch: int, sessions: bool = False, blocks: int = 10) -> dict[str, Any]:
     """PostgreSQL CPU per events flush (the optimistic statement, then COMMIT) with and
     without the change-log CTE, in alternating blocks of ``flushes // blocks`` flushes on one
-    connection; rows as ``bench/ingest.py`` makes them (session n % 997, a user on every
-    fourth event, n % 331: about one change row per identified event, the worst case)."""
+    connection. Rows as ``bench/ingest.py`` makes them (session n % 997, a user on every
+    fourth event, n % 331: a change row per identified event and per session, the worst
+    case), or with ``sessions`` as browsers send them: 20 consecutive events of one session
+    and user (a quarter anonymous)."""
     schema = f"bench_preagg_{uuid.uuid4().hex[:8]}"
     await db.migrate_dsn(DATABASE_URL, schema, analytics_app.MIGRATIONS)
     partitions_pool = await db.create_pool(DATABASE_URL, schema, min_size=1, max_size=1)
@@ -207,12 +209,16 @@ async def ingest_cost(flushes: int, batch: int, blocks: int = 10) -> dict[str, A
             for _ in range(per_block):
                 rows = []
                 for _ in range(batch):
+                    if sessions:
+                        session, user = f"sess-{n // 20}", f"user-{n // 60}" if n // 20 % 4 else None
+                    else:
+                        session, user = f"sess-{n % 997}", f"user-{n % 331}" if n % 4 == 0 else None
                     rows.append(
                         (
                             0,
                             f"c{n}",
-                            f"sess-{n % 997}",
-                            f"user-{n % 331}" if n % 4 == 0 else None,
+                            session,
+                            user,
                             datagen.EVENT_TYPES[n % len(datagen.EVENT_TYPES)],
                             datagen.PAGES[n % len(datagen.PAGES)],
                             None,
@@ -232,6 +238,7 @@ async def ingest_cost(flushes: int, batch: int, blocks: int = 10) -> dict[str, A
         await datagen.drop(schema)
     per = {v: cpu[v] / done[v] / batch * 1e6 for v in cpu}
     return {
+        "rows": "20 per session" if sessions else "bench.ingest",
         "batch": batch,
         "flushes_each": done["with"],
         "pg_cpu_us_per_event_with_log": round(per["with"], 2),
@@ -267,12 +274,14 @@ def main() -> None:
         type=int,
         default=0,
         metavar="FLUSHES",
-        help="instead: PostgreSQL CPU per events flush with and without the change log (batches 200, 3000)",
+        help="instead: PostgreSQL CPU per events flush with and without the change log",
     )
     args = parser.parse_args()
     if args.ingest_cost:
-        for batch in (200, 3000):
-            print(json.dumps(asyncio.run(ingest_cost(args.ingest_cost, batch)), default=str), flush=True)
+        for sessions in (False, True):
+            for batch in (200, 3000):
+                cost = asyncio.run(ingest_cost(args.ingest_cost, batch, sessions))
+                print(json.dumps(cost, default=str), flush=True)
         return
     news = [int(n) for n in args.new.split(",")]
     print_result(asyncio.run(run(args.day_events, news, args.rounds)))
