@@ -23,12 +23,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import importlib.util
 import json
 import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -104,7 +106,36 @@ async def _timed(conn_pid: int, work: Callable[[], Awaitable[Any]]) -> tuple[flo
     return time.perf_counter() - started, cpu_seconds(conn_pid) - cpu, out
 
 
-async def run(day_events: int, news: list[int], rounds: int) -> dict[str, Any]:
+def _before(source: Path) -> Callable[[asyncpg.Pool, int], Any]:
+    """The Preaggregator class of the code at ``source`` (a checkout from before the change
+    log, e.g. ``git archive 5046951``), with its own ``funnel_walks``: its whole-day pass runs
+    on this schema too (the columns migration 0025 added have defaults)."""
+    modules = {}
+    for name in ("funnel_walks", "preagg"):
+        spec = importlib.util.spec_from_file_location(
+            f"before_{name}", source / "services" / "analytics" / f"{name}.py"
+        )
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        modules[name] = module
+    modules["preagg"].funnel_walks = modules["funnel_walks"]
+    preaggregator = modules["preagg"].Preaggregator
+    return lambda pool, retention: preaggregator(pool, "before", retention_days=retention)
+
+
+async def _before_pass(old: Any, pool: asyncpg.Pool, day: date) -> None:
+    """What the pass before the change log did when today's counts moved: the whole day,
+    then every user's scores."""
+    from services.analytics import engagement
+
+    now = datetime.now(UTC)
+    async with pool.acquire() as conn:
+        await old._refresh_day(conn, day, now)
+        await engagement.store_scores(conn, now.date())
+
+
+async def run(day_events: int, news: list[int], rounds: int, before: Path | None = None) -> dict[str, Any]:
     schema = f"bench_preagg_{uuid.uuid4().hex[:8]}"
     app = await _start_service(schema)
     now = datetime.now(UTC)
@@ -127,6 +158,7 @@ async def run(day_events: int, news: list[int], rounds: int) -> dict[str, Any]:
             pid = await conn.fetchval("SELECT pg_backend_pid()")
         retention = analytics_app.SETTINGS.model_fields["analytics_retention_days"].default
         preagg = Preaggregator(pool, schema, retention_days=retention, min_age_seconds=0)
+        old = _before(before)(pool, retention) if before else None
         wall, cpu, first = await _timed(pid, lambda: preagg.run_once(full_check=True))
         result["first_pass"] = {
             "wall_s": round(wall, 3),
@@ -149,6 +181,10 @@ async def run(day_events: int, news: list[int], rounds: int) -> dict[str, Any]:
                 day_wall, day_cpu, _ = await _timed(pid, functools.partial(preagg.recompute_day, today))
                 async with pool.acquire() as conn:
                     whole = tuple(await conn.fetchrow(_DIGEST_SQL, timeout=LONG))
+                if old is not None:
+                    before_wall, before_cpu, _ = await _timed(
+                        pid, functools.partial(_before_pass, old, pool, today)
+                    )
                 row = {
                     "round": r,
                     "new_events": n,
@@ -162,6 +198,10 @@ async def run(day_events: int, news: list[int], rounds: int) -> dict[str, Any]:
                     "cpu_ratio": round(day_cpu / inc_cpu, 1) if inc_cpu else None,
                     "equal": incremental == whole,
                 }
+                if old is not None:
+                    row["before_wall_ms"] = round(before_wall * 1000, 1)
+                    row["before_cpu_ms"] = round(before_cpu * 1000, 1)
+                    row["before_cpu_ratio"] = round(before_cpu / inc_cpu, 1) if inc_cpu else None
                 runs.append(row)
                 print(f"  {row}", flush=True)
         result["runs"] = runs
@@ -256,10 +296,16 @@ def print_result(result: dict[str, Any]) -> None:
     print(f"  first pass, every day whole: {result['first_pass']}")
     print("  new events (+ steps) | incremental pass wall / CPU | whole day wall / CPU | ratios | equal")
     for r in result["runs"]:
+        before = (
+            f" | before the change log: {r['before_wall_ms']} / {r['before_cpu_ms']} ms"
+            f" (CPU x{r['before_cpu_ratio']})"
+            if "before_cpu_ms" in r
+            else ""
+        )
         print(
             f"  {r['new_events']:>7,} (+{r['new_steps']:,}) | {r['incremental_wall_ms']} / "
             f"{r['incremental_cpu_ms']} ms | {r['whole_day_wall_ms']} / {r['whole_day_cpu_ms']} ms | "
-            f"x{r['wall_ratio']} / x{r['cpu_ratio']} | {r['equal']}"
+            f"x{r['wall_ratio']} / x{r['cpu_ratio']} | {r['equal']}{before}"
         )
     print(json.dumps(result, default=str))
 
@@ -269,6 +315,12 @@ def main() -> None:
     parser.add_argument("--day-events", type=int, default=600_000, help="events loaded over today")
     parser.add_argument("--new", default="1000,10000", help="new events per pass, comma-separated")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--before",
+        type=Path,
+        default=None,
+        help="a checkout from before the change log: also time its whole-day pass (git archive 5046951)",
+    )
     parser.add_argument(
         "--ingest-cost",
         type=int,
@@ -284,7 +336,7 @@ def main() -> None:
                 print(json.dumps(cost, default=str), flush=True)
         return
     news = [int(n) for n in args.new.split(",")]
-    print_result(asyncio.run(run(args.day_events, news, args.rounds)))
+    print_result(asyncio.run(run(args.day_events, news, args.rounds, args.before)))
 
 
 if __name__ == "__main__":

@@ -132,8 +132,7 @@ async def rebuild_sessions(conn: Connection, oldest: datetime) -> None:
     caller's transaction. A few sessions' steps are read through the session index."""
     await conn.execute("ANALYZE walk_sessions")
     await conn.execute(_DELETE_SQL)
-    await conn.execute(_STEPS_SQL, oldest)
-    await conn.execute("ANALYZE walk_steps")
+    await conn.execute(_STEPS_SQL, oldest)  # no ANALYZE: the plan below hardly depends on it
     await conn.execute("SET LOCAL enable_nestloop = off")
     await conn.execute(_BUILD_SQL)
     await conn.execute("RESET enable_nestloop")

@@ -245,7 +245,6 @@ class Preaggregator:
         if not applied:
             await conn.execute("DROP TABLE consumed")
             return 0, []
-        await conn.execute("ANALYZE consumed")
         days = [r["day"] for r in await conn.fetch(preagg_sql.DAYS_ADD_SQL, _EPOCH)]
         await conn.execute(preagg_sql.ENGAGEMENT_ADD_SQL)
         await conn.execute(preagg_sql.CHANGED_SOURCES_SQL)
