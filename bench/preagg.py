@@ -109,7 +109,8 @@ async def _timed(conn_pid: int, work: Callable[[], Awaitable[Any]]) -> tuple[flo
 def _before(source: Path) -> Callable[[asyncpg.Pool, int], Any]:
     """The Preaggregator class of the code at ``source`` (a checkout from before the change
     log, e.g. ``git archive 5046951``), with its own ``funnel_walks``: its whole-day pass runs
-    on this schema too (the columns migration 0025 added have defaults)."""
+    on this schema too (the columns migration 0025 added have defaults; ``preagg_days.stale``
+    gets one for it)."""
     modules = {}
     for name in ("funnel_walks", "preagg"):
         spec = importlib.util.spec_from_file_location(
@@ -158,7 +159,11 @@ async def run(day_events: int, news: list[int], rounds: int, before: Path | None
             pid = await conn.fetchval("SELECT pg_backend_pid()")
         retention = analytics_app.SETTINGS.model_fields["analytics_retention_days"].default
         preagg = Preaggregator(pool, schema, retention_days=retention, min_age_seconds=0)
-        old = _before(before)(pool, retention) if before else None
+        old = None
+        if before is not None:
+            old = _before(before)(pool, retention)
+            async with pool.acquire() as conn:  # the old pass stores days without this column
+                await conn.execute("ALTER TABLE preagg_days ALTER COLUMN stale SET DEFAULT false")
         wall, cpu, first = await _timed(pid, lambda: preagg.run_once(full_check=True))
         result["first_pass"] = {
             "wall_s": round(wall, 3),

@@ -271,10 +271,15 @@ class Preaggregator:
         """Whether every UTC day of ``[since, until]`` was pre-aggregated from the funnel
         steps it holds now (the ingest's ``rollup_funnel`` counts, exact): a report over
         those days read from ``funnel_walks`` then counts every committed step."""
+        return not await self.steps_behind(since, until)
+
+    async def steps_behind(self, since: datetime, until: datetime) -> list[date]:
+        """The UTC days of ``[since, until]`` whose funnel steps now differ in number from
+        those pre-aggregated (``steps_current``)."""
         first, last = since.astimezone(UTC).date(), until.astimezone(UTC).date()
         async with self._pool.acquire() as conn:
             rows = await conn.fetch(_STEPS_CURRENT_SQL, _midnight(first), _midnight(last + timedelta(days=1)))
-        return all(r["stored"] == r["now"] for r in rows)
+        return sorted(r["day"] for r in rows if r["stored"] != r["now"])
 
     async def recompute_day(self, day: date, now: datetime | None = None) -> None:
         """Recompute one day whole from the raw rows, then every user's scores, under the

@@ -31,8 +31,8 @@ CONSUMED_DDL = "CREATE TEMP TABLE consumed (day date NOT NULL, LIKE preagg_chang
 
 # $1: refreshed_at of a day first seen. Returns the days touched.
 DAYS_ADD_SQL = """
-INSERT INTO preagg_days AS p (day, events, steps, task_ends, refreshed_at)
-SELECT day, sum(events), sum(steps), sum(task_ends), $1 FROM consumed GROUP BY day ORDER BY day
+INSERT INTO preagg_days AS p (day, events, steps, task_ends, refreshed_at, stale)
+SELECT day, sum(events), sum(steps), sum(task_ends), $1, false FROM consumed GROUP BY day ORDER BY day
 ON CONFLICT (day) DO UPDATE SET events = p.events + excluded.events, steps = p.steps + excluded.steps,
     task_ends = p.task_ends + excluded.task_ends
 RETURNING day

@@ -41,12 +41,16 @@ ALTER TABLE session_sources
     ADD COLUMN user_at       timestamptz,
     ADD COLUMN user_event_id text COLLATE "C";
 
--- A day whose stored counts differ from the ingest's (rows that came without a
--- change row: written before this migration, or by an older replica) and whose
--- recomputation was put off (min_age): checked again by every pass.
-ALTER TABLE preagg_days ADD COLUMN stale boolean NOT NULL DEFAULT false;
 
 -- Rebuilt from the raw rows by the next pass (every day with rows is unbuilt):
 -- the new columns have no values for the rows computed before.
 TRUNCATE engagement_daily, session_sources, funnel_walks, preagg_days;
 DELETE FROM engagement_scores_as_of;
+
+-- A day whose stored counts differ from the ingest's (rows that came without a
+-- change row: written before this migration, or by an older replica) and whose
+-- recomputation was put off (min_age): checked again by every pass. No default,
+-- on purpose: the pass of an older replica (still running during a rolling
+-- deploy) cannot store a day any more, so it cannot write rows the change log
+-- would then be added to twice; its transaction fails and leaves nothing.
+ALTER TABLE preagg_days ADD COLUMN stale boolean NOT NULL;
