@@ -26,6 +26,7 @@ import functools
 import importlib.util
 import json
 import os
+import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -118,6 +119,7 @@ def _before(source: Path) -> Callable[[asyncpg.Pool, int], Any]:
         )
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # its dataclasses look their module up
         spec.loader.exec_module(module)
         modules[name] = module
     modules["preagg"].funnel_walks = modules["funnel_walks"]
@@ -190,6 +192,7 @@ async def run(day_events: int, news: list[int], rounds: int, before: Path | None
                     before_wall, before_cpu, _ = await _timed(
                         pid, functools.partial(_before_pass, old, pool, today)
                     )
+                    await preagg.recompute_day(today)  # the rows as this code keeps them, again
                 row = {
                     "round": r,
                     "new_events": n,
