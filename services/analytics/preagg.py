@@ -182,8 +182,6 @@ class Preaggregator:
                 # One pass at a time across replicas: the lock is held for the pass.
                 await conn.execute("SELECT pg_advisory_lock($1)", self._lock_key)
             try:
-                if full_check:
-                    self._last_full = self._last_start
                 async with conn.transaction(isolation="repeatable_read"):
                     await conn.execute("SET LOCAL work_mem = '64MB'; SET LOCAL jit = off")
                     as_of = await engagement.scores_as_of(conn)
@@ -228,6 +226,8 @@ class Preaggregator:
             finally:
                 await conn.execute("SELECT pg_advisory_unlock($1)", self._lock_key)
         self.passes += 1
+        if full_check:
+            self._last_full = self._last_start
         if result.refreshed:
             log.info("pre-aggregation", extra={"days": [d.isoformat() for d in result.refreshed]})
         return result
