@@ -19,7 +19,9 @@ Every flush is one transaction on a committer connection:
    exact, so moving a value back restores them to the digit, and they cannot
    overflow;
 4. revenue, task ends: one row per key (small volumes: ON CONFLICT directly);
-5. the rollups are updated from the same staged rows, aggregated in SQL.
+5. the rollups are updated from the same staged rows, aggregated in SQL;
+6. events, steps, task ends: what the new rows change is appended to the
+   pre-aggregation's change log (``preagg_changes``, ``services/analytics/preagg.py``).
 """
 
 from __future__ import annotations
