@@ -141,9 +141,12 @@ async def wire(app: ServiceApp) -> None:
     async def refresh_walks(since: datetime, until: datetime) -> object:
         # Every changed day of the report's range, however recently it was pre-aggregated:
         # a computed report (a cache miss) counts every step committed before it.
-        if await business.preagg.steps_current(since, until):
+        # The days behind are compared with the ingest's counts by the pass (recomputed
+        # whole if their steps came without change rows).
+        behind = await business.preagg.steps_behind(since, until)
+        if not behind:
             return None
-        return await business.preagg.run_once(min_age_seconds=0)
+        return await business.preagg.run_once(min_age_seconds=0, check_days=behind)
 
     funnels = FunnelReports(
         pool, await app.cache("funnel", **RAW_BYTES), settings.analytics_funnel_ttl_seconds, refresh_walks

@@ -41,7 +41,12 @@ class BusinessSettings(ServiceSettings):
         60.0, gt=0, description="How often the engagement / acquisition pre-aggregation runs."
     )
     analytics_preagg_min_age_seconds: float = Field(
-        60.0, ge=0, description="A changed day is re-aggregated at most this often."
+        60.0, ge=0, description="A day is re-aggregated whole from the raw rows at most this often."
+    )
+    analytics_preagg_full_check_seconds: float = Field(
+        3600.0,
+        gt=0,
+        description="How often a pre-aggregation pass compares every day's counts with the ingest's.",
     )
     analytics_runninghub_coin_rates: str = Field(
         "", description="Price of one RunningHub coin per currency: USD=0.0014,CNY=0.01"
@@ -109,6 +114,7 @@ async def wire_business(
         retention_days=retention,
         min_age_seconds=settings.analytics_preagg_min_age_seconds,
         interval_seconds=settings.analytics_preagg_interval_seconds,
+        full_check_seconds=settings.analytics_preagg_full_check_seconds,
     )
     app.run_in_background(preagg.run_forever(), "analytics-preagg")
     cache = await app.cache("business", **RAW_BYTES)

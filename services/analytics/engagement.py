@@ -144,6 +144,13 @@ INSERT INTO engagement_scores (window_name, user_id, active_days, last_day, {_CO
 WITH {_SCORES_CTE.format(user_filter="")}
 SELECT $3, user_id, active_days, last_day, {_COLUMNS}, score FROM s
 """
+# The same for the users in the temporary table score_users only (their days through the
+# (user_id, day) index); their old rows are deleted first.
+_STORE_USERS_SQL = f"""
+INSERT INTO engagement_scores (window_name, user_id, active_days, last_day, {_COLUMNS}, score)
+WITH {_SCORES_CTE.format(user_filter="AND e.user_id IN (SELECT user_id FROM score_users)")}
+SELECT $3, user_id, active_days, last_day, {_COLUMNS}, score FROM s
+"""
 # The window wide figures: active users per day, WAU and MAU (today's 7 and 30 days).
 _ACTIVE_SQL = """
 SELECT (SELECT coalesce(json_object_agg(day, n), '{}'::json)::text FROM
@@ -180,6 +187,21 @@ async def store_scores(conn: Connection, today: date) -> None:
                 window,
                 today,
             )
+
+
+async def store_user_scores(conn: Connection, today: date) -> None:
+    """Every window's scores as of ``today`` of the users in the temporary table
+    ``score_users`` (``user_id``), the other users' rows left as they are: what
+    ``store_scores`` would write when only those users' ``engagement_daily`` rows changed
+    since it ran for ``today``. Inside the caller's transaction."""
+    await conn.execute("ANALYZE score_users")
+    for window, days in WINDOW_DAYS.items():
+        await conn.execute(
+            "DELETE FROM engagement_scores WHERE window_name = $1"
+            " AND user_id IN (SELECT user_id FROM score_users)",
+            window,
+        )
+        await conn.execute(_STORE_USERS_SQL, today - timedelta(days=days - 1), today, window)
 
 
 async def scores_as_of(conn: Connection) -> dict[str, date]:

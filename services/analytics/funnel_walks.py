@@ -29,9 +29,10 @@ occurrence ``t_k >= t_(k-1)`` with ``t_k <= t1 + conversion_window``.
 Offsets compare with the conversion window as a fixed number of microseconds
 (a day is 86,400 s), as the raw SQL does with a UTC session time zone.
 
-Maintenance (``Preaggregator``): when a day's steps change, every session
-with a step that day is recomputed from all its steps (all its walks, in every
-scope), in the day's REPEATABLE READ transaction.
+Maintenance (``Preaggregator``): every session the ingest reported new steps
+of since the last pass (``preagg_changes``) is recomputed from all its steps
+(all its walks, in every scope), in the pass's REPEATABLE READ transaction; a
+day recomputed whole re-walks every session with a step that day.
 """
 
 from __future__ import annotations
@@ -50,16 +51,19 @@ CREATE TEMP TABLE walk_sessions ON COMMIT DROP AS
 SELECT DISTINCT session_id FROM funnel_steps WHERE occurred_at >= $1 AND occurred_at < $2
 """
 _DELETE_SQL = "DELETE FROM funnel_walks WHERE session_id IN (SELECT session_id FROM walk_sessions)"
+# Every kept step of the sessions to walk ($1: the oldest step kept, retention).
+_STEPS_SQL = """
+CREATE TEMP TABLE walk_steps ON COMMIT DROP AS
+SELECT f.session_id, f.step, f.occurred_at, f.effect_id
+FROM funnel_steps f JOIN walk_sessions w ON w.session_id = f.session_id
+WHERE f.occurred_at >= $1
+"""
 
 
 def _build_sql() -> str:
-    """$1: the oldest step kept (retention)."""
+    """The walks of the steps in ``walk_steps``."""
     ctes = [
-        """s AS MATERIALIZED (
-    SELECT f.session_id, f.step, f.occurred_at, f.effect_id
-    FROM funnel_steps f JOIN walk_sessions w ON w.session_id = f.session_id
-    WHERE f.occurred_at >= $1
-)""",
+        """s AS (SELECT session_id, step, occurred_at, effect_id FROM walk_steps)""",
         """x AS MATERIALIZED (
     SELECT session_id, ''::text COLLATE "C" AS scope, step, occurred_at FROM s
     UNION ALL
@@ -118,11 +122,21 @@ async def rebuild_day(conn: Connection, start: datetime, end: datetime, oldest: 
     """Recompute the walks of every session with a step in ``[start, end)``; inside the
     caller's transaction (the day's REPEATABLE READ one; its settings are LOCAL to it)."""
     await conn.execute(_SESSIONS_SQL, start, end)
+    await conn.execute("SET LOCAL enable_nestloop = off")  # a day's sessions: hash joins
+    await rebuild_sessions(conn, oldest)
+
+
+async def rebuild_sessions(conn: Connection, oldest: datetime) -> None:
+    """Recompute the walks of the sessions in the temporary table ``walk_sessions``
+    (``session_id``) from all their steps since ``oldest``, and drop the table; inside the
+    caller's transaction. A few sessions' steps are read through the session index."""
     await conn.execute("ANALYZE walk_sessions")
     await conn.execute(_DELETE_SQL)
+    await conn.execute(_STEPS_SQL, oldest)  # no ANALYZE: the plan below hardly depends on it
     await conn.execute("SET LOCAL enable_nestloop = off")
-    await conn.execute(_BUILD_SQL, oldest)
-    await conn.execute("DROP TABLE walk_sessions")
+    await conn.execute(_BUILD_SQL)
+    await conn.execute("RESET enable_nestloop")
+    await conn.execute("DROP TABLE walk_sessions, walk_steps")
 
 
 async def funnel_from_walks(

@@ -21,7 +21,9 @@ Every flush is one transaction on a committer connection:
 4. revenue, task ends: one row per key (small volumes: ON CONFLICT directly);
 5. the rollups are updated from the same staged rows, aggregated in SQL: per
    5 minutes (with page, effect) and per hour (without), both from the same new
-   rows, so an hour's row is always the sum of its 5-minute rows.
+   rows, so an hour's row is always the sum of its 5-minute rows;
+6. events, steps, task ends: what the new rows change is appended to the
+   pre-aggregation's change log (``preagg_changes``, ``services/analytics/preagg.py``).
 """
 
 from __future__ import annotations
@@ -48,11 +50,12 @@ HOUR = "date_bin('1 hour', {col}, timestamptz 'epoch')"
 
 
 def _stored_once_sql(
-    stage: str, keys: str, key: str, raw: str, columns: Sequence[str], rollups: str
+    stage: str, keys: str, key: str, raw: str, columns: Sequence[str], rollups: str, changes: str
 ) -> tuple[str, str]:
     """The two statements of a kind stored once per id (events, steps).
 
-    ``rollups`` holds the rollup CTEs, reading the new rows from ``{src}``.
+    ``rollups`` holds the rollup CTEs, ``changes`` the pre-aggregation's change log
+    CTE (``preagg_changes``), both reading the new rows from ``{src}``.
 
     1. The ON CONFLICT form: some ids may exist already. The key insert finds
        the new ones; only those are stored and rolled up (from the raw
@@ -81,7 +84,7 @@ WITH new AS (
 ), raw AS (
     {insert_raw} JOIN new ON new.{key} = s.{key}
     RETURNING *
-), {rollups.format(src="raw")}
+), {rollups.format(src="raw")}, {changes.format(src="raw")}
 SELECT s.seq, count(*)::int FROM pg_temp.{stage} s JOIN new ON new.{key} = s.{key}
 GROUP BY s.seq LIMIT $1
 """
@@ -90,10 +93,38 @@ WITH new AS (
     {insert_keys}
 ), raw AS (
     {insert_raw}
-), {rollups.format(src=f"pg_temp.{stage}")}
+), {rollups.format(src=f"pg_temp.{stage}")}, {changes.format(src=f"pg_temp.{stage}")}
 SELECT
 """
     return on_conflict, optimistic
+
+
+# What the new rows change for the pre-aggregation (services/analytics/preagg.py): one row
+# per UTC day, session and user (events: with the group's count and first event; steps: its
+# counts by step), appended to preagg_changes in the flush's transaction.
+# The group's count is a window over the whole group, ordered as DISTINCT ON wants: one sort.
+_DAY = "date_bin('1 day', occurred_at, timestamptz 'epoch')"
+EVENT_CHANGES = f"""
+changes AS (
+    INSERT INTO preagg_changes (day_start, session_id, user_id, events, first_at, first_id, properties)
+    SELECT DISTINCT ON (day, session_id, user_id)
+           day, session_id, user_id,
+           count(*) OVER (PARTITION BY day, session_id, user_id ORDER BY occurred_at, event_id
+                          ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING),
+           occurred_at, event_id, properties
+    FROM (SELECT {_DAY} AS day, session_id, coalesce(user_id, '') COLLATE "C" AS user_id,
+                 occurred_at, event_id COLLATE "C" AS event_id, properties FROM {{src}}) c
+    ORDER BY day, session_id, user_id, occurred_at, event_id
+)"""
+STEP_CHANGES = f"""
+changes AS (
+    INSERT INTO preagg_changes (day_start, session_id, user_id, steps, uploads, browser_runs, downloads,
+                                shares)
+    SELECT {_DAY}, session_id, coalesce(user_id, ''), count(*), count(*) FILTER (WHERE step = 4),
+           count(*) FILTER (WHERE step = 7), count(*) FILTER (WHERE step = 8),
+           count(*) FILTER (WHERE step = 9)
+    FROM {{src}} GROUP BY 1, 2, 3
+)"""
 
 
 EVENTS_SQL, EVENTS_FAST_SQL = _stored_once_sql(
@@ -120,6 +151,7 @@ counts AS (
     ON CONFLICT (hour_start, session_id) DO UPDATE SET user_id = excluded.user_id
     WHERE r.user_id IS NULL AND excluded.user_id IS NOT NULL
 )""",
+    EVENT_CHANGES,
 )
 
 STEPS_SQL, STEPS_FAST_SQL = _stored_once_sql(
@@ -140,6 +172,7 @@ counts AS (
     FROM {{src}} GROUP BY 1, 2 ORDER BY 1, 2
     ON CONFLICT (hour_start, step) DO UPDATE SET count = r.count + excluded.count
 )""",
+    STEP_CHANGES,
 )
 
 # Metrics, step 1: claim the keys never seen. Rows locked by our insert stay
@@ -262,23 +295,36 @@ SELECT
 """
 
 
-def _once_by_key_sql(stage: str, table: str, key: str, columns: Sequence[str]) -> str:
-    """Store each new key once (unpartitioned table with the key as primary key); {seq: n}."""
+def _once_by_key_sql(
+    stage: str, table: str, key: str, columns: Sequence[str], returning: str = "", changes: str = ""
+) -> str:
+    """Store each new key once (unpartitioned table with the key as primary key); {seq: n}.
+    ``changes``: a CTE reading the new rows from ``new`` (their key and ``returning``)."""
     names = ", ".join((*columns, "received_at"))
     return f"""
 WITH new AS (
     INSERT INTO {table} ({names})
     SELECT {names} FROM pg_temp.{stage} ORDER BY {key}
     ON CONFLICT DO NOTHING
-    RETURNING {key}
-)
+    RETURNING {key}{returning}
+){changes}
 SELECT s.seq, count(*)::int FROM pg_temp.{stage} s JOIN new ON new.{key} = s.{key}
 GROUP BY s.seq LIMIT $1
 """
 
 
 REVENUE_SQL = _once_by_key_sql(REVENUE.stage, "revenue", "order_id", REVENUE.names)
-TASK_ENDS_SQL = _once_by_key_sql(TASK_ENDS.stage, "task_ends", "task_id", TASK_ENDS.names)
+TASK_ENDS_SQL = _once_by_key_sql(
+    TASK_ENDS.stage,
+    "task_ends",
+    "task_id",
+    TASK_ENDS.names,
+    ", user_id, status, occurred_at",
+    f""", changes AS (
+    INSERT INTO preagg_changes (day_start, user_id, task_ends, server_runs)
+    SELECT {_DAY}, user_id, count(*), count(*) FILTER (WHERE status = 'SUCCEEDED') FROM new GROUP BY 1, 2
+)""",
+)
 
 # The statements that return {seq: accepted} with ON CONFLICT, per kind (metrics: the
 # writer runs METRICS_NEW_SQL and METRICS_OLD_SQL first).
