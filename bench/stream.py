@@ -34,6 +34,7 @@ import statistics
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,8 @@ from services.servicekit.auth import issue_token
 
 ROOT = Path(__file__).resolve().parent.parent
 SESSION_EVENTS = 10  # live events per session
+METHOD = "/cosnap.analytics.v1.AnalyticsService/StreamPerformanceDashboard"
+REQUEST = analytics_pb2.StreamPerformanceDashboardRequest(interval_seconds=1)
 
 
 class _Server:
@@ -148,10 +151,97 @@ async def _serving(channel: grpc.aio.Channel) -> None:
         await asyncio.sleep(0.2)
 
 
-async def stream_cpu(
-    schema: str, seconds: float = 10.0, rounds: int = 3, clients: int = 100, live_events: int = 20_000
+class _Floor:
+    """CPU seconds of the bare grpc.aio server (``bench/stream_floor.py``)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    async def read(self, http: aiohttp.ClientSession) -> tuple[float, dict[int, float], float]:
+        return cpu_seconds(self.pid), {}, 0.0
+
+
+async def _window(
+    open_call: Callable[[], Any],
+    server: _Server | _Floor,
+    http: aiohttp.ClientSession,
+    streams: int,
+    seconds: float,
 ) -> dict[str, Any]:
-    """The measurement (module docstring) on `schema`, which the service migrates."""
+    """`streams` open streams (1 s interval) held for `seconds`, measured."""
+    received = 0
+    calls = [open_call() for _ in range(streams)]
+
+    async def read(call: Any) -> None:
+        nonlocal received
+        async for _ in call:
+            received += 1
+
+    readers = [asyncio.ensure_future(read(c)) for c in calls]
+    await asyncio.sleep(1.5)  # every stream open and past its first message
+    received = 0
+    cpu0, db0, snaps0 = await server.read(http)
+    await asyncio.sleep(seconds)
+    cpu1, db1, snaps1 = await server.read(http)
+    got = received
+    for call in calls:
+        call.cancel()
+    await asyncio.gather(*readers, return_exceptions=True)
+    await asyncio.sleep(1)
+    db, ended = _Server.database_cpu(db0, db1)
+    return {
+        "service_cpu_s": round(cpu1 - cpu0, 3),
+        "database_cpu_s": round(db, 3),
+        "total_cpu_s": round(cpu1 - cpu0 + db, 3),
+        "messages": got,
+        "snapshots": int(snaps1 - snaps0),
+        "backends": len(db1),
+        "backends_ended": ended,
+    }
+
+
+async def _floor(
+    message: bytes, http: aiohttp.ClientSession, seconds: float, rounds: int, clients: int
+) -> list[dict[str, Any]]:
+    """The same windows against the bare grpc.aio server sending `message`."""
+    from tests.support import free_port
+
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.stream_floor", str(port), message.hex(), cwd=ROOT
+    )
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        await asyncio.wait_for(channel.channel_ready(), 60)
+        method = channel.unary_stream(METHOD, request_serializer=REQUEST.SerializeToString)
+        floor = _Floor(process.pid)
+        await asyncio.sleep(1)
+        out = []
+        for r in range(rounds):
+            row = {
+                k: await _window(lambda: method(REQUEST), floor, http, n, seconds)
+                for k, n in (("idle", 0), ("1", 1), (str(clients), clients))
+            }
+            row.update(_ratios(row, clients))
+            out.append(row)
+            print(f"  floor round {r + 1}: {json.dumps(row)}", flush=True)
+        return out
+    finally:
+        await channel.close()
+        process.terminate()
+        await asyncio.wait_for(process.wait(), 30)
+
+
+async def stream_cpu(
+    schema: str,
+    seconds: float = 10.0,
+    rounds: int = 3,
+    clients: int = 100,
+    live_events: int = 20_000,
+    floor: bool = True,
+) -> dict[str, Any]:
+    """The measurement (module docstring) on `schema`, which the service migrates; with
+    `floor`, then the same windows against ``bench/stream_floor.py``."""
     from tests.support import free_port
 
     grpc_port, metrics_port = free_port(), free_port()
@@ -167,49 +257,27 @@ async def stream_cpu(
         server = _Server(process.pid, schema, admin, metrics_port)
         await asyncio.sleep(2)  # start-up work settles
 
-        async def window(streams: int) -> dict[str, Any]:
-            received = 0
-            calls = [
-                stub.StreamPerformanceDashboard(
-                    analytics_pb2.StreamPerformanceDashboardRequest(interval_seconds=1), metadata=metadata
-                )
-                for _ in range(streams)
-            ]
-
-            async def read(call: Any) -> None:
-                nonlocal received
-                async for _ in call:
-                    received += 1
-
-            readers = [asyncio.ensure_future(read(c)) for c in calls]
-            await asyncio.sleep(1.5)  # every stream open and past its first message
-            received = 0
-            cpu0, db0, snaps0 = await server.read(http)
-            await asyncio.sleep(seconds)
-            cpu1, db1, snaps1 = await server.read(http)
-            got = received
-            for call in calls:
-                call.cancel()
-            await asyncio.gather(*readers, return_exceptions=True)
-            await asyncio.sleep(1)
-            db, ended = server.database_cpu(db0, db1)
-            return {
-                "service_cpu_s": round(cpu1 - cpu0, 3),
-                "database_cpu_s": round(db, 3),
-                "total_cpu_s": round(cpu1 - cpu0 + db, 3),
-                "messages": got,
-                "snapshots": int(snaps1 - snaps0),
-                "backends": len(db1),
-                "backends_ended": ended,
-            }
+        def open_call() -> Any:
+            return stub.StreamPerformanceDashboard(REQUEST, metadata=metadata)
 
         out: list[dict[str, Any]] = []
         for r in range(rounds):
-            row = {"idle": await window(0), "1": await window(1), str(clients): await window(clients)}
+            row = {
+                k: await _window(open_call, server, http, n, seconds)
+                for k, n in (("idle", 0), ("1", 1), (str(clients), clients))
+            }
             row.update(_ratios(row, clients))
             out.append(row)
             print(f"  stream round {r + 1}: {json.dumps(row)}", flush=True)
-        return {"seconds": seconds, "clients": clients, "live_events": live_events, "rounds": out}
+        result = {"seconds": seconds, "clients": clients, "live_events": live_events, "rounds": out}
+        if floor:
+            # One message as the service sends it, for the bare server to send.
+            raw = channel.unary_stream(METHOD, request_serializer=REQUEST.SerializeToString)
+            call = raw(REQUEST, metadata=metadata)
+            message = await asyncio.wait_for(call.read(), 30)
+            call.cancel()
+            result["floor"] = await _floor(message, http, seconds, rounds, clients)
+        return result
     finally:
         await http.close()
         await admin.close()
@@ -234,9 +302,9 @@ def _ratios(row: dict[str, Any], clients: int) -> dict[str, Any]:
     }
 
 
-def summary(result: dict[str, Any]) -> dict[str, Any]:
-    """Medians over the rounds."""
-    rounds, clients = result["rounds"], str(result["clients"])
+def summary(rounds: list[dict[str, Any]], clients: str) -> dict[str, Any]:
+    """Medians over the rounds, and whether N clients cost no more than one: the median
+    difference within two clock ticks of ``/proc`` (its resolution over a window)."""
 
     def med(key: str, field: str) -> float:
         return round(statistics.median(r[key][field] for r in rounds), 3)
@@ -247,37 +315,54 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
     for field in ("service_ratio", "total_ratio", "marginal_us_per_message"):
         values = [r[field] for r in rounds if r[field] is not None]
         out[field] = round(statistics.median(values), 2) if values else None
+    tick = 1 / os.sysconf("SC_CLK_TCK")
+    for what in ("service", "total"):
+        extra = statistics.median(r[clients][f"{what}_cpu_s"] - r["1"][f"{what}_cpu_s"] for r in rounds)
+        out[f"{what}_no_more_than_one"] = extra <= 2 * tick + 1e-9
     return out
 
 
-def print_stream(result: dict[str, Any]) -> None:
-    clients = str(result["clients"])
-    print(
-        f"  live stream, {result['rounds'] and len(result['rounds'])} rounds of {result['seconds']} s at a 1 s "
-        f"interval, {result['live_events']:,} events in the window:"
-    )
-    for i, r in enumerate(result["rounds"], 1):
+def _print_rounds(label: str, rounds: list[dict[str, Any]], clients: str) -> dict[str, Any]:
+    for i, r in enumerate(rounds, 1):
         print(
-            f"    round {i}: service CPU idle {r['idle']['service_cpu_s']} / 1 {r['1']['service_cpu_s']} / "
-            f"{clients} {r[clients]['service_cpu_s']} s (ratio {r['service_ratio']}); service + database "
+            f"    {label} round {i}: CPU idle {r['idle']['service_cpu_s']} / 1 {r['1']['service_cpu_s']} / "
+            f"{clients} {r[clients]['service_cpu_s']} s (ratio {r['service_ratio']}); with the database "
             f"{r['idle']['total_cpu_s']} / {r['1']['total_cpu_s']} / {r[clients]['total_cpu_s']} s "
             f"(ratio {r['total_ratio']}); {r['marginal_us_per_message']} µs per extra message; messages "
             f"{r['1']['messages']} / {r[clients]['messages']}, snapshots {r['1']['snapshots']} / "
             f"{r[clients]['snapshots']}"
         )
-    s = summary(result)
+    return summary(rounds, clients)
+
+
+def print_stream(result: dict[str, Any]) -> None:
+    clients = str(result["clients"])
+    print(
+        f"  live stream, {len(result['rounds'])} rounds of {result['seconds']} s at a 1 s interval, "
+        f"{result['live_events']:,} events in the window:"
+    )
+    s = _print_rounds("service", result["rounds"], clients)
     print(
         f"    median: service {s['1_service_cpu_s']} -> {s[clients + '_service_cpu_s']} s (ratio "
-        f"{s['service_ratio']}), service + database {s['1_total_cpu_s']} -> {s[clients + '_total_cpu_s']} s "
-        f"(ratio {s['total_ratio']}), {s['marginal_us_per_message']} µs of service CPU per extra message"
+        f"{s['service_ratio']}; no more than one client: {'met' if s['service_no_more_than_one'] else 'NOT met'}), "
+        f"service + database {s['1_total_cpu_s']} -> {s[clients + '_total_cpu_s']} s (ratio "
+        f"{s['total_ratio']}; no more than one client: {'met' if s['total_no_more_than_one'] else 'NOT met'}), "
+        f"{s['marginal_us_per_message']} µs of service CPU per extra message"
     )
+    if result.get("floor"):
+        f = _print_rounds("bare grpc.aio", result["floor"], clients)
+        print(
+            f"    median, bare grpc.aio server: {f['1_service_cpu_s']} -> {f[clients + '_service_cpu_s']} s "
+            f"(ratio {f['service_ratio']}), {f['marginal_us_per_message']} µs per extra message: the floor "
+            f"of one message sent on one stream"
+        )
 
 
-async def run(seconds: float, rounds: int, clients: int, live_events: int) -> dict[str, Any]:
+async def run(seconds: float, rounds: int, clients: int, live_events: int, floor: bool) -> dict[str, Any]:
     schema = f"bench_stream_{uuid.uuid4().hex[:8]}"
     result: dict[str, Any] = {"load_average_start": os.getloadavg()}
     try:
-        result.update(await stream_cpu(schema, seconds, rounds, clients, live_events))
+        result.update(await stream_cpu(schema, seconds, rounds, clients, live_events, floor))
     finally:
         await datagen.drop(schema)
     result["load_average_end"] = os.getloadavg()
@@ -290,8 +375,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="idle / 1 / N windows, interleaved")
     parser.add_argument("--clients", type=int, default=100)
     parser.add_argument("--live-events", type=int, default=20_000, help="events in the snapshot's window")
+    parser.add_argument("--no-floor", action="store_true", help="skip the bare grpc.aio server's windows")
     args = parser.parse_args()
-    result = asyncio.run(run(args.seconds, args.rounds, args.clients, args.live_events))
+    result = asyncio.run(run(args.seconds, args.rounds, args.clients, args.live_events, not args.no_floor))
     print(f"stream benchmark; load average {result['load_average_start']} -> {result['load_average_end']}")
     print_stream(result)
     print(json.dumps(result, default=str))
