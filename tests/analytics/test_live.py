@@ -69,6 +69,8 @@ async def test_sse_snapshots_and_heartbeats(edge: tuple[ServiceApp, str, aiohttp
         assert resp.headers["Content-Type"] == "text/event-stream"
         assert resp.headers["Cache-Control"] == "no-cache"
         events = await sse_events(resp, 3)
+        while events[0][0] == "heartbeat":  # the first computation outlasted 0.3 s (a loaded machine)
+            events = events[1:] + await sse_events(resp, 1)
     (kind, first), *beats = events
     assert kind == "snapshot" and first["kind"] == "snapshot"
     assert first["intervalSeconds"] == 60 and first["windowSeconds"] == 300
