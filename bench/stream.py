@@ -310,7 +310,9 @@ def summary(rounds: list[dict[str, Any]], clients: str) -> dict[str, Any]:
         return round(statistics.median(r[key][field] for r in rounds), 3)
 
     out: dict[str, Any] = {
-        f"{k}_{f}": med(k, f) for k in ("idle", "1", clients) for f in ("service_cpu_s", "total_cpu_s")
+        f"{k}_{f}": med(k, f)
+        for k in ("idle", "1", clients)
+        for f in ("service_cpu_s", "database_cpu_s", "total_cpu_s")
     }
     for field in ("service_ratio", "total_ratio", "marginal_us_per_message"):
         values = [r[field] for r in rounds if r[field] is not None]
@@ -322,15 +324,20 @@ def summary(rounds: list[dict[str, Any]], clients: str) -> dict[str, Any]:
     return out
 
 
-def _print_rounds(label: str, rounds: list[dict[str, Any]], clients: str) -> dict[str, Any]:
+def _print_rounds(label: str, rounds: list[dict[str, Any]], clients: str, database: bool) -> dict[str, Any]:
     for i, r in enumerate(rounds, 1):
+        with_database = (
+            f"; with the database {r['idle']['total_cpu_s']} / {r['1']['total_cpu_s']} / "
+            f"{r[clients]['total_cpu_s']} s (ratio {r['total_ratio']}), snapshots {r['1']['snapshots']} / "
+            f"{r[clients]['snapshots']}"
+            if database
+            else ""
+        )
         print(
             f"    {label} round {i}: CPU idle {r['idle']['service_cpu_s']} / 1 {r['1']['service_cpu_s']} / "
-            f"{clients} {r[clients]['service_cpu_s']} s (ratio {r['service_ratio']}); with the database "
-            f"{r['idle']['total_cpu_s']} / {r['1']['total_cpu_s']} / {r[clients]['total_cpu_s']} s "
-            f"(ratio {r['total_ratio']}); {r['marginal_us_per_message']} µs per extra message; messages "
-            f"{r['1']['messages']} / {r[clients]['messages']}, snapshots {r['1']['snapshots']} / "
-            f"{r[clients]['snapshots']}"
+            f"{clients} {r[clients]['service_cpu_s']} s (ratio {r['service_ratio']}){with_database}; "
+            f"{r['marginal_us_per_message']} µs per extra message; messages {r['1']['messages']} / "
+            f"{r[clients]['messages']}"
         )
     return summary(rounds, clients)
 
@@ -341,16 +348,17 @@ def print_stream(result: dict[str, Any]) -> None:
         f"  live stream, {len(result['rounds'])} rounds of {result['seconds']} s at a 1 s interval, "
         f"{result['live_events']:,} events in the window:"
     )
-    s = _print_rounds("service", result["rounds"], clients)
+    s = _print_rounds("service", result["rounds"], clients, database=True)
     print(
         f"    median: service {s['1_service_cpu_s']} -> {s[clients + '_service_cpu_s']} s (ratio "
         f"{s['service_ratio']}; no more than one client: {'met' if s['service_no_more_than_one'] else 'NOT met'}), "
         f"service + database {s['1_total_cpu_s']} -> {s[clients + '_total_cpu_s']} s (ratio "
-        f"{s['total_ratio']}; no more than one client: {'met' if s['total_no_more_than_one'] else 'NOT met'}), "
+        f"{s['total_ratio']}; no more than one client: {'met' if s['total_no_more_than_one'] else 'NOT met'}; "
+        f"the database's part {s['1_database_cpu_s']} -> {s[clients + '_database_cpu_s']} s), "
         f"{s['marginal_us_per_message']} µs of service CPU per extra message"
     )
     if result.get("floor"):
-        f = _print_rounds("bare grpc.aio", result["floor"], clients)
+        f = _print_rounds("bare grpc.aio", result["floor"], clients, database=False)
         print(
             f"    median, bare grpc.aio server: {f['1_service_cpu_s']} -> {f[clients + '_service_cpu_s']} s "
             f"(ratio {f['service_ratio']}), {f['marginal_us_per_message']} µs per extra message: the floor "
