@@ -17,8 +17,9 @@
    (last touch by source, time decay by effect); and, for comparison, the 7d funnel
    computed from the raw steps as before the pre-aggregation (a few calls);
 5. compares the sketches' distinct sessions and users over 7 days with exact counts;
-6. starts the service as a separate process on the same schema and measures its CPU time
-   (``/proc``) while 1 client, then 100 clients, hold a live stream (1 s interval) open.
+6. measures the live stream's fan-out on the same schema (``bench/stream.py``: the service
+   as a separate process, idle / 1 / 100 streams at a 1 s interval, ``--stream-rounds``
+   interleaved rounds, service CPU and its PostgreSQL backends' CPU).
 
 ``--scale 10`` is the issue's volume: 10 M metric rows, 1 M funnel steps (and 2 M events).
 The machine's load average is recorded at the start and the end.
@@ -30,7 +31,6 @@ import argparse
 import asyncio
 import json
 import os
-import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -41,8 +41,8 @@ from typing import Any
 import grpc
 
 from bench import datagen
-from bench.cpu import cpu_seconds
 from bench.datagen import DATABASE_URL, LONG, REDIS_URL, SECRET
+from bench.stream import print_stream, stream_cpu
 from cosnap.analytics.v1 import analytics_pb2, analytics_pb2_grpc
 from services.analytics import app as analytics_app
 from services.analytics.funnel import funnel_between
@@ -72,94 +72,6 @@ async def _cold(
     return datagen.percentiles(samples)
 
 
-async def _stream_cpu(schema: str, seconds: float) -> dict[str, Any]:
-    """Service CPU with 1 and with 100 open streams (interval 1 s), the service in its own process."""
-    from tests.support import free_port
-
-    port = free_port()
-    env = {
-        **os.environ,
-        "DATABASE_URL": DATABASE_URL,
-        "REDIS_URL": REDIS_URL,
-        "DB_SCHEMA": schema,
-        "REDIS_PREFIX": schema,
-        "AUTH_JWT_SECRET": SECRET,
-        "GRPC_HOST": "127.0.0.1",
-        "GRPC_PORT": str(port),
-        "METRICS_PORT": "0",
-        "LOG_LEVEL": "WARNING",
-        "ANALYTICS_PREAGG_INTERVAL_SECONDS": "3600",
-        "ANALYTICS_REPORT_CHECK_SECONDS": "3600",
-        "ANALYTICS_STREAM_MAX_CLIENTS": "200",
-    }
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.analytics", env=env, cwd=ROOT
-    )
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    try:
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        health = health_pb2_grpc.HealthStub(channel)
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    break
-            except grpc.aio.AioRpcError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("stream benchmark service did not start")
-            await asyncio.sleep(0.2)
-        stub = analytics_pb2_grpc.AnalyticsServiceStub(channel)
-        metadata = (("authorization", f"Bearer {issue_token(SECRET, 'bench', role='admin')}"),)
-        await asyncio.sleep(2)  # start-up work settles
-
-        async def hold(clients: int) -> tuple[float, int]:
-            received = 0
-            calls = [
-                stub.StreamPerformanceDashboard(
-                    analytics_pb2.StreamPerformanceDashboardRequest(interval_seconds=1), metadata=metadata
-                )
-                for _ in range(clients)
-            ]
-
-            async def read(call: Any) -> None:
-                nonlocal received
-                async for _ in call:
-                    received += 1
-
-            readers = [asyncio.ensure_future(read(c)) for c in calls]
-            await asyncio.sleep(1.5)  # every stream open and past its first message
-            before, received = cpu_seconds(process.pid), 0
-            await asyncio.sleep(seconds)
-            used = cpu_seconds(process.pid) - before
-            for call in calls:
-                call.cancel()
-            await asyncio.gather(*readers, return_exceptions=True)
-            await asyncio.sleep(1)
-            return used, received
-
-        idle_before = cpu_seconds(process.pid)
-        await asyncio.sleep(seconds)
-        idle = cpu_seconds(process.pid) - idle_before
-        one, one_msgs = await hold(1)
-        hundred, hundred_msgs = await hold(100)
-        return {
-            "seconds": seconds,
-            "idle_cpu_s": round(idle, 3),
-            "1_client_cpu_s": round(one, 3),
-            "100_clients_cpu_s": round(hundred, 3),
-            "1_client_messages": one_msgs,
-            "100_clients_messages": hundred_msgs,
-            "ratio_100_to_1": round(hundred / one, 2) if one else None,
-        }
-    finally:
-        await channel.close()
-        process.terminate()
-        await asyncio.wait_for(process.wait(), 30)
-
-
 async def _start_service(schema: str) -> ServiceApp:
     settings = analytics_app.SETTINGS(
         database_url=DATABASE_URL,
@@ -184,7 +96,9 @@ async def _start_service(schema: str) -> ServiceApp:
     return app
 
 
-async def run(scale: float = 1.0, cold_calls: int = 10, stream_seconds: float = 10.0) -> dict[str, Any]:
+async def run(
+    scale: float = 1.0, cold_calls: int = 10, stream_seconds: float = 10.0, stream_rounds: int = 3
+) -> dict[str, Any]:
     metrics = max(10_000, int(BASE_METRICS * scale))
     events = max(10_000, int(BASE_EVENTS * scale))
     steps = max(1_000, int(BASE_STEPS * scale))
@@ -359,7 +273,7 @@ async def run(scale: float = 1.0, cold_calls: int = 10, stream_seconds: float = 
         await channel.close()
         await app.stop()
     try:
-        result["stream"] = await _stream_cpu(schema, stream_seconds)
+        result["stream"] = await stream_cpu(schema, stream_seconds, stream_rounds, floor=False)
     finally:
         await datagen.drop(schema)
     result["load_average_end"] = os.getloadavg()
@@ -389,13 +303,8 @@ def print_result(result: dict[str, Any]) -> None:
         f"  sketch 7d: sessions {s['sessions']} vs exact {s['sessions_exact']} ({s['sessions_error']:.2%}), "
         f"users {s['users']} vs {s['users_exact']} ({s['users_error']:.2%})"
     )
-    st = result.get("stream")
-    if st:
-        print(
-            f"  live stream, {st['seconds']} s at 1 s interval: service CPU idle {st['idle_cpu_s']} s, "
-            f"1 client {st['1_client_cpu_s']} s, 100 clients {st['100_clients_cpu_s']} s "
-            f"(ratio {st['ratio_100_to_1']}; messages {st['1_client_messages']} / {st['100_clients_messages']})"
-        )
+    if result.get("stream"):
+        print_stream(result["stream"])
     print(json.dumps(result, default=str))
 
 
@@ -405,9 +314,10 @@ def main() -> None:
         "--scale", type=float, default=1.0, help="1.0 = 1 M metric rows, 200 k events, 100 k funnel steps"
     )
     parser.add_argument("--cold", type=int, default=10, help="cold calls per report")
-    parser.add_argument("--stream-seconds", type=float, default=10.0)
+    parser.add_argument("--stream-seconds", type=float, default=10.0, help="one live-stream window")
+    parser.add_argument("--stream-rounds", type=int, default=3, help="idle / 1 / 100 stream windows")
     args = parser.parse_args()
-    print_result(asyncio.run(run(args.scale, args.cold, args.stream_seconds)))
+    print_result(asyncio.run(run(args.scale, args.cold, args.stream_seconds, args.stream_rounds)))
 
 
 if __name__ == "__main__":

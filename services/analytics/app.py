@@ -160,5 +160,12 @@ async def wire(app: ServiceApp) -> None:
         ),
     )
     servicer.business = business
-    app.add_service(SERVICE, servicer, analytics_pb2_grpc.add_AnalyticsServiceServicer_to_server, ACCESS)
+    # The live stream is served pre-serialized: one encoding per snapshot for every stream.
+    app.add_service(
+        SERVICE,
+        servicer,
+        analytics_pb2_grpc.add_AnalyticsServiceServicer_to_server,
+        ACCESS,
+        serialized={"StreamPerformanceDashboard": business.live.stream_serialized},
+    )
     _STATE[app] = Analytics(committer, maintainer, dashboard, funnels, servicer, business)

@@ -1,19 +1,32 @@
 """The live dashboard stream (``StreamPerformanceDashboard``): one computation per
-interval per replica, fanned out to every open stream.
+interval per replica, serialized once, fanned out to every open stream.
 
 * A **feed** per ``intervalSeconds`` (1..60, default 5) runs while it has
-  subscribers: it computes a snapshot at once, then every interval, and
-  publishes it (a version number and an ``asyncio.Event``). Every open stream
-  with that interval sends the same message; 100 clients cost one computation.
-  When the last subscriber leaves, the feed stops.
+  subscribers: it computes a snapshot at once, then every interval, serializes
+  it once (``Published``: the message and its bytes) and publishes it (a
+  version number; each waiting stream's own future is woken). Every open
+  stream with that interval sends the same bytes; 100 clients cost one
+  computation (its queries) and one serialization. When the last subscriber
+  leaves, the feed stops.
+* **Served pre-serialized**: the app registers ``stream_serialized`` with
+  ``ServiceApp.add_service(serialized=)``, so the kit's interceptor
+  authenticates, times and maps errors exactly as for any RPC and grpc sends the
+  bytes as they are; clients receive ordinary ``StreamPerformanceDashboardResponse``
+  messages. ``stream`` yields the same items as messages (the servicer's method,
+  for the generated contract).
 * A new stream gets the feed's latest snapshot at once when there is one.
 * **Heartbeats**: a stream that sent nothing for ``heartbeat_seconds`` sends a
   ``kind: "heartbeat"`` message (keeps proxies from closing an idle stream, and
-  shows the client the stream is alive).
+  shows the client the stream is alive). One timer per stream (``_Silence``),
+  set again only when it fires early, not one per message.
 * **Cap**: at most ``max_streams`` open streams per replica; one more is refused
   with RESOURCE_EXHAUSTED (HTTP 429).
 * **Disconnects**: a client going away cancels its RPC; the stream's ``finally``
   unsubscribes it at once (and the feed stops with its last subscriber).
+
+What each extra stream still costs is grpc.aio sending one message on one HTTP/2
+stream per interval (about 0.1 ms of CPU on the benchmark's machine, near a bare
+grpc.aio server's; ``bench/stream.py``, figures in ``bench/README.md``).
 
 A snapshot covers the last ``window_seconds`` (5 minutes): events per second
 (``rollup_events``, 5-minute buckets, divided by the seconds they span),
@@ -28,7 +41,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
@@ -55,17 +69,48 @@ SELECT count(DISTINCT session_id)::bigint FROM events WHERE occurred_at >= $1 AN
 """
 
 
+@dataclass(frozen=True, slots=True)
+class Published:
+    """One message as every stream sends it: the message and its encoding, made once."""
+
+    message: analytics_pb2.StreamPerformanceDashboardResponse
+    serialized: bytes
+
+    @classmethod
+    def of(cls, message: analytics_pb2.StreamPerformanceDashboardResponse) -> Published:
+        return cls(message, message.SerializeToString())
+
+
 class Feed:
-    """Snapshots for one interval, computed once and shared."""
+    """Snapshots for one interval, computed and serialized once and shared."""
 
     def __init__(self, live: LiveDashboard, interval: int) -> None:
         self.interval = interval
         self.subscribers = 0
         self.version = 0
-        self.latest: analytics_pb2.StreamPerformanceDashboardResponse | None = None
-        self.changed = asyncio.Event()
+        self.latest: Published | None = None
+        self._waiters: list[asyncio.Future[None]] = []
         self._live = live
         self._task = asyncio.ensure_future(self._run())
+
+    def waiter(self) -> asyncio.Future[None]:
+        """A future of the caller's own, done when the next snapshot is published."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        return waiter
+
+    def forget(self, waiter: asyncio.Future[None]) -> None:
+        """Take back a waiter not woken by a snapshot (O(subscribers): not on every message)."""
+        with contextlib.suppress(ValueError):  # already woken: the list was replaced
+            self._waiters.remove(waiter)
+
+    def publish(self, snapshot: analytics_pb2.StreamPerformanceDashboardResponse) -> None:
+        self.latest = Published.of(snapshot)
+        self.version += 1
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -79,14 +124,48 @@ class Feed:
                     kind="snapshot", interval_seconds=self.interval, unavailable_sections=["all"]
                 )
                 snapshot.generated_at.FromDatetime(datetime.now(UTC))
-            self.latest = snapshot
-            self.version += 1
-            event, self.changed = self.changed, asyncio.Event()
-            event.set()
+            self.publish(snapshot)
             await asyncio.sleep(max(0.0, self.interval - (loop.time() - started)))
 
     def stop(self) -> None:
         self._task.cancel()
+
+
+class _Silence:
+    """Wakes one stream's waiter once the stream has sent nothing for `seconds`.
+
+    One timer per stream, not one per message: a message only records its time;
+    the timer, when it fires early (something was sent since it was set), is set
+    again for the new deadline.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, seconds: float) -> None:
+        self._loop = loop
+        self._seconds = seconds
+        self._last_sent = loop.time()
+        self._waiter: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = loop.call_at(self._last_sent + seconds, self._fire)
+
+    def watch(self, waiter: asyncio.Future[None]) -> None:
+        self._waiter = waiter
+
+    def sent(self) -> None:
+        self._last_sent = self._loop.time()
+        if self._timer is None:
+            self._timer = self._loop.call_at(self._last_sent + self._seconds, self._fire)
+
+    def _fire(self) -> None:
+        due = self._last_sent + self._seconds
+        if self._loop.time() < due - 0.001:
+            self._timer = self._loop.call_at(due, self._fire)
+            return
+        self._timer = None  # set again by the heartbeat's sent()
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
 
 
 class LiveDashboard:
@@ -110,11 +189,30 @@ class LiveDashboard:
         self.open_streams = 0
         self.computations = 0
 
+    async def stream_serialized(
+        self,
+        request: analytics_pb2.StreamPerformanceDashboardRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[bytes]:
+        """The stream as served: every message already serialized (a snapshot once per
+        feed, for every stream), sent as it is (``ServiceApp.add_service(serialized=)``)."""
+        async with contextlib.aclosing(self._published(request)) as published:
+            async for item in published:
+                yield item.serialized
+
     async def stream(
         self,
         request: analytics_pb2.StreamPerformanceDashboardRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[analytics_pb2.StreamPerformanceDashboardResponse]:
+        """The same stream as messages (the servicer's method, for the generated contract)."""
+        async with contextlib.aclosing(self._published(request)) as published:
+            async for item in published:
+                yield item.message
+
+    async def _published(
+        self, request: analytics_pb2.StreamPerformanceDashboardRequest
+    ) -> AsyncGenerator[Published, None]:
         interval = request.interval_seconds or DEFAULT_INTERVAL
         if not 1 <= interval <= MAX_INTERVAL:
             raise invalid_argument(
@@ -131,24 +229,32 @@ class LiveDashboard:
         if feed is None:
             feed = self._feeds[interval] = Feed(self, interval)
         feed.subscribers += 1
+        silence = _Silence(asyncio.get_running_loop(), self.heartbeat_seconds)
         try:
             seen = 0
             while True:
                 if feed.version == seen:
-                    changed = feed.changed
+                    waiter = feed.waiter()
+                    silence.watch(waiter)
                     try:
-                        await asyncio.wait_for(changed.wait(), self.heartbeat_seconds)
-                    except TimeoutError:
-                        beat = analytics_pb2.StreamPerformanceDashboardResponse(
-                            kind="heartbeat", interval_seconds=interval
-                        )
-                        beat.generated_at.FromDatetime(datetime.now(UTC))
-                        yield beat
-                        continue
-                seen = feed.version
-                assert feed.latest is not None
-                yield feed.latest
+                        await waiter
+                    except BaseException:  # cancelled: the client went away
+                        feed.forget(waiter)
+                        raise
+                if feed.version != seen:
+                    seen = feed.version
+                    assert feed.latest is not None
+                    yield feed.latest
+                else:  # woken by the silence: its waiter is still on the feed's list
+                    feed.forget(waiter)
+                    beat = analytics_pb2.StreamPerformanceDashboardResponse(
+                        kind="heartbeat", interval_seconds=interval
+                    )
+                    beat.generated_at.FromDatetime(datetime.now(UTC))
+                    yield Published.of(beat)
+                silence.sent()
         finally:
+            silence.cancel()
             self.open_streams -= 1
             OPEN_STREAMS.dec()
             feed.subscribers -= 1

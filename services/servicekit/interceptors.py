@@ -45,6 +45,8 @@ if TYPE_CHECKING:  # the stubs' generics are not subscriptable at run time
     Handler: TypeAlias = grpc.RpcMethodHandler[Any, Any]
     UnaryBehavior: TypeAlias = Callable[[Any, AioContext], Awaitable[Any]]
     StreamBehavior: TypeAlias = Callable[[Any, AioContext], AsyncIterator[Any]]
+    # A server-streaming behaviour that yields each response already serialized.
+    SerializedStream: TypeAlias = Callable[[Any, AioContext], AsyncIterator[bytes]]
 # types-grpcio describes RpcMethodHandler for the threaded server (sync callables taking
 # grpc.ServicerContext). On grpc.aio its behaviours are coroutine functions or async
 # generator functions taking an aio context: the casts below say so, where they are read.
@@ -58,6 +60,12 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
     status is the stream's final one, and the latency recorded is the time to
     the first message (or to the end, if none was sent): a live stream that
     stays open for minutes must not read as a slow endpoint.
+
+    ``serialized`` maps a server-streaming method (``/package.Service/Method``)
+    to a behaviour that yields its responses as bytes already serialized (one
+    encoding shared by many streams): it is served in place of the servicer's
+    method, with no response serializer, behind the same authentication, timing
+    and error mapping. The client sees the same messages.
     """
 
     def __init__(
@@ -67,8 +75,10 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         timing_sink: TimingSink | None = None,
         clock: Clock = SYSTEM_CLOCK,
         max_cached_tokens: int = 4096,
+        serialized: Mapping[str, SerializedStream] | None = None,
     ) -> None:
         self._access = access
+        self._serialized = dict(serialized or {})
         # Tokens verified once are remembered (exp still checked on every call).
         self.tokens = VerifiedTokens(jwt_secret, max_cached_tokens, clock)
         self._sink = timing_sink
@@ -91,6 +101,13 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
+            serialized = self._serialized.get(details.method)
+            if serialized is not None:
+                return grpc.unary_stream_rpc_method_handler(
+                    call.stream(serialized),
+                    request_deserializer=handler.request_deserializer,
+                    response_serializer=None,  # the bytes are sent as they are
+                )
             return grpc.unary_stream_rpc_method_handler(
                 call.stream(cast("UnaryBehavior | StreamBehavior", handler.unary_stream)),
                 request_deserializer=handler.request_deserializer,

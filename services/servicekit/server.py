@@ -54,6 +54,7 @@ from .reporter import MonitoringReporter, ReporterSettings, cache_counts, defaul
 
 if TYPE_CHECKING:
     from .cache import MultiLevelCache
+    from .interceptors import SerializedStream
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ class ServiceApp:
         self.db_healthy = False
         self._services: list[tuple[ServiceDescriptor, Any, Callable[[Any, grpc.aio.Server], None]]] = []
         self._access: dict[str, Access] = {}
+        self._serialized: dict[str, SerializedStream] = {}
         self._caches: list[MultiLevelCache[Any]] = []
         self._shutdown_hooks: list[Hook] = []
         self._background: list[asyncio.Task[Any]] = []
@@ -160,16 +162,28 @@ class ServiceApp:
         servicer: Any,
         add_to_server: Callable[[Any, grpc.aio.Server], None],
         access: Mapping[str, Access],
+        serialized: Mapping[str, SerializedStream] | None = None,
     ) -> None:
-        """Register a servicer; `access` names the access level of every RPC."""
+        """Register a servicer; `access` names the access level of every RPC.
+
+        `serialized` names server-streaming methods served by a behaviour that
+        yields responses already serialized (bytes) instead of the servicer's
+        method (see ``ServiceInterceptor``); the servicer's method stays the
+        registered one, so the contract's types are unchanged."""
         missing = [m.name for m in descriptor.methods if m.name not in access]
         if missing:
             raise ValueError(f"no access level for {descriptor.full_name} methods {missing}")
         client_streams = [m.name for m in descriptor.methods if m.client_streaming]
         if client_streams:
             raise ValueError(f"client-streaming RPCs are not supported by the kit: {client_streams}")
+        streams = {m.name for m in descriptor.methods if m.server_streaming}
+        not_streams = sorted(set(serialized or {}) - streams)
+        if not_streams:
+            raise ValueError(f"serialized responses are for server-streaming RPCs only: {not_streams}")
         for method, level in access.items():
             self._access[f"/{descriptor.full_name}/{method}"] = level
+        for method, behaviour in (serialized or {}).items():
+            self._serialized[f"/{descriptor.full_name}/{method}"] = behaviour
         self._services.append((descriptor, servicer, add_to_server))
 
     def service_channel(self, address: str) -> grpc.aio.Channel:
@@ -210,7 +224,11 @@ class ServiceApp:
             ("grpc.so_reuseport", 0),
         ]
         self._interceptor = ServiceInterceptor(
-            self._access, s.auth_jwt_secret, self._timing, clock=self._auth_clock
+            self._access,
+            s.auth_jwt_secret,
+            self._timing,
+            clock=self._auth_clock,
+            serialized=self._serialized,
         )
         self._server = grpc.aio.server(
             interceptors=[self._arrivals, self._interceptor],
