@@ -484,3 +484,21 @@ async def test_rest_dashboard(
         "/api/analytics/dashboard/performance", headers={"Authorization": f"Bearer {user_token}"}
     )
     assert response.status == 403
+
+
+@pytest.mark.parametrize(("window", "size"), [("7d", timedelta(hours=6)), ("30d", timedelta(days=1))])
+async def test_long_windows_merge_the_hours_of_each_trend_bucket(
+    monitoring_down: Analytics, window: str, size: timedelta
+) -> None:
+    """Trend buckets longer than an hour take the p75 of their hours' bins merged: each
+    point's LCP p75 is that of the values whose time falls in it (UTC, epoch-aligned)."""
+    await record_all(monitoring_down)
+    reply = await dashboard(monitoring_down, window)
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    by_bucket: dict[datetime, list[float]] = {}
+    for values, at in ((LCP_EARLY, EARLY), (LCP_LATE, LATE)):
+        by_bucket.setdefault(epoch + (at - epoch) // size * size, []).extend(values)
+    points = {p.bucket_start.ToDatetime(tzinfo=UTC): p for p in reply.trend}
+    for start, values in by_bucket.items():
+        assert points[start].web_vitals_p75["LCP"] == pytest.approx(p75(values), rel=RELATIVE_ACCURACY)
+    assert all("LCP" not in p.web_vitals_p75 for s, p in points.items() if s not in by_bucket)
