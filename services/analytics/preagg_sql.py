@@ -19,6 +19,8 @@ all the session's events gives.
 
 from __future__ import annotations
 
+from services.analytics.vitals import SCORED_STEP_COUNTS
+
 # -- the change log --------------------------------------------------------------------------
 
 # $1: the first day kept (its midnight). What the pass can see of the log, taken out of
@@ -115,8 +117,7 @@ FROM (
     WHERE occurred_at >= $2 AND occurred_at < $3 AND user_id <> ''
     GROUP BY user_id
     UNION ALL
-    SELECT user_id, 0, count(*) FILTER (WHERE step = 4), count(*) FILTER (WHERE step = 7),
-           count(*) FILTER (WHERE step = 8), count(*) FILTER (WHERE step = 9), 0, 0
+    SELECT user_id, 0, {SCORED_STEP_COUNTS}, 0, 0
     FROM funnel_steps
     WHERE occurred_at >= $2 AND occurred_at < $3 AND user_id <> ''
     GROUP BY user_id

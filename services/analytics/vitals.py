@@ -34,6 +34,13 @@ FUNNEL_STEPS = (
     "result_shared",
 )
 STEP_NUMBER = {name: i + 1 for i, name in enumerate(FUNNEL_STEPS)}
+# The funnel steps the engagement score counts, as engagement_daily's columns uploads,
+# browser_runs, downloads and shares: one SQL select-list fragment over rows with a `step`
+# column, shared by the ingest's change log and the pre-aggregation's whole-day recount.
+SCORED_STEP_COUNTS = ", ".join(
+    f"count(*) FILTER (WHERE step = {STEP_NUMBER[name]})"
+    for name in ("image_uploaded", "processing_completed", "result_downloaded", "result_shared")
+)
 
 GOOD, NEEDS_IMPROVEMENT, POOR = "good", "needs-improvement", "poor"
 

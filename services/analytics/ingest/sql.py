@@ -30,6 +30,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from services.analytics.vitals import SCORED_STEP_COUNTS
+
 from .rows import EVENTS, REVENUE, STEPS, TASK_ENDS, Kind
 
 SESSION_SETUP = """
@@ -120,9 +122,7 @@ STEP_CHANGES = f"""
 changes AS (
     INSERT INTO preagg_changes (day_start, session_id, user_id, steps, uploads, browser_runs, downloads,
                                 shares)
-    SELECT {_DAY}, session_id, coalesce(user_id, ''), count(*), count(*) FILTER (WHERE step = 4),
-           count(*) FILTER (WHERE step = 7), count(*) FILTER (WHERE step = 8),
-           count(*) FILTER (WHERE step = 9)
+    SELECT {_DAY}, session_id, coalesce(user_id, ''), count(*), {SCORED_STEP_COUNTS}
     FROM {{src}} GROUP BY 1, 2, 3
 )"""
 
