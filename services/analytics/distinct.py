@@ -12,7 +12,9 @@ not sealed yet (the last one or two) and any sealed hour without a sketch are
 read exactly from ``rollup_sessions`` and added to the union, so the estimate
 covers the whole window. Builder passes (``Sketches.build``, in the
 pre-aggregation loop) make the missing sketches and remake those whose hour's
-row count moved (a late row with an old timestamp); until the next pass such an
+row count moved (a late row with an old timestamp): the last :data:`RECHECK` hours
+every pass, and the hours of any older day the pass's change log named (the
+ingest logs the day of every new row, ``preagg.py``); until that pass such an
 hour's sketch misses the late rows.
 
 Windows of an hour or less are counted exactly (cheap); see ``dashboard.py``.
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Final
 
 import asyncpg
@@ -117,16 +119,23 @@ class Sketches:
         self._pool = pool
         self.built = 0
 
-    async def build(self, now: datetime, since: datetime) -> int:
+    async def build(self, now: datetime, since: datetime, recheck_days: Iterable[date] = ()) -> int:
         """Make the sketches due for the sealed hours from `since`; returns how many hours.
 
-        The hours of the last :data:`RECHECK` are recounted every pass and remade when
-        their row count moved; older hours are made once when they have no sketch (an
-        empty hour gets an empty sketch, so it is not looked at again).
+        The hours of the last :data:`RECHECK`, and those of ``recheck_days`` (days that got
+        new rows), are recounted and remade when their row count moved; other hours are
+        made once when they have no sketch (an empty hour gets an empty sketch, so it is
+        not looked at again).
         """
         sealed = sealed_before(now)
         start = floor_hour(since)
         recheck_from = max(start, sealed - RECHECK)
+        ranges = [(recheck_from, sealed)]
+        for day in sorted(set(recheck_days)):
+            midnight = datetime(day.year, day.month, day.day, tzinfo=UTC)
+            day_start, day_end = max(midnight, start), min(midnight + timedelta(days=1), recheck_from)
+            if day_start < day_end:
+                ranges.append((day_start, day_end))
         made = 0
         async with self._pool.acquire() as conn:
             stored = {
@@ -135,11 +144,12 @@ class Sketches:
                 if r["kind"] == "sessions"
             }
             counts = {
-                r["hour_start"]: int(r["n"]) for r in await conn.fetch(_HOUR_COUNTS_SQL, recheck_from, sealed)
+                r["hour_start"]: int(r["n"])
+                for low, high in ranges
+                for r in await conn.fetch(_HOUR_COUNTS_SQL, low, high)
             }
             due = [h for h, n in counts.items() if stored.get(h) != n]
-            due += [h for h in _hours(recheck_from, sealed) if h not in counts and h not in stored]
-            due += [h for h in _hours(start, recheck_from) if h not in stored]
+            due += [h for h in _hours(start, sealed) if h not in counts and h not in stored]
             for hour in sorted(due):
                 async with conn.transaction(isolation="repeatable_read"):
                     ids = await conn.fetchrow(_RANGE_IDS_SQL, [hour])

@@ -151,6 +151,7 @@ class Preaggregator:
         )
         self._local = asyncio.Lock()
         self.sketches = Sketches(pool)
+        self._sketch_days: set[date] = set()  # days with new rows, their sketches not yet rechecked
         self.passes = 0
         self._last_start = -math.inf  # time.monotonic() of this replica's last pass start
         self._last_full = -math.inf  # ... and of its last full check
@@ -226,6 +227,7 @@ class Preaggregator:
             finally:
                 await conn.execute("SELECT pg_advisory_unlock($1)", self._lock_key)
         self.passes += 1
+        self._sketch_days.update(result.changed_days)
         if full_check:
             self._last_full = self._last_start
         if result.refreshed:
@@ -334,11 +336,15 @@ class Preaggregator:
                 log.error("pre-aggregation failed", extra={"error": repr(exc)})
 
     async def build_sketches(self, now: datetime | None = None) -> int:
-        """The hourly distinct-count sketches due (``distinct.py``), under the same lock."""
+        """The hourly distinct-count sketches due (``distinct.py``), under the same lock;
+        the days this replica's passes saw new rows for are rechecked, however old."""
         now = now or datetime.now(UTC)
+        days = set(self._sketch_days)
         async with self._local, self._pool.acquire() as conn:
             await conn.execute("SELECT pg_advisory_lock($1)", self._lock_key)
             try:
-                return await self.sketches.build(now, now - timedelta(days=self.retention_days))
+                made = await self.sketches.build(now, now - timedelta(days=self.retention_days), days)
             finally:
                 await conn.execute("SELECT pg_advisory_unlock($1)", self._lock_key)
+        self._sketch_days -= days  # kept for the next build when this one failed
+        return made
