@@ -114,17 +114,22 @@ async def test_auth_and_bad_input(edge: tuple[ServiceApp, str, aiohttp.ClientSes
     await wait_until(lambda: live_of(app).open_streams == 0)
 
 
-async def test_disconnect_is_noticed_at_once(edge: tuple[ServiceApp, str, aiohttp.ClientSession]) -> None:
-    app, base, _ = edge
+async def test_disconnect_is_noticed_at_once(
+    start_service: StartService, start_edge: Callable[..., Any]
+) -> None:
+    # Heartbeats every 30 s and snapshots every 60 s: nothing is written to the stream after
+    # the first snapshot, so the disconnect can only be noticed by watching for it.
+    app = await start_service(analytics_app(), analytics_stream_heartbeat_seconds=30, **FRESH)
+    base = await start_edge(app)
     live = live_of(app)
     async with aiohttp.ClientSession() as own:
         resp = await own.get(f"{base}{PATH}?intervalSeconds=60", headers=SSE)
-        await sse_events(resp, 1)
+        assert (await sse_events(resp, 1))[0][0] == "snapshot"
         assert live.open_streams == 1
         resp.close()  # the client goes away mid-stream
         started = time.monotonic()
-        await wait_until(lambda: live.open_streams == 0, timeout=2.0)
-        assert time.monotonic() - started < 1.0
+        await wait_until(lambda: live.open_streams == 0, timeout=5.0)
+        assert time.monotonic() - started < 3.0  # not at the next write, 30 s away
     # Its feed stopped with its last subscriber.
     await wait_until(lambda: not live._feeds)
 
