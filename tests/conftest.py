@@ -8,6 +8,7 @@ the run drops its schemas and deletes its keys when it ends.
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -15,12 +16,20 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
+from hypothesis import settings as hypothesis_settings
 
 from services.servicekit.auth import issue_token
 from services.servicekit.clock import Clock
 from services.servicekit.config import ServiceSettings
 from services.servicekit.server import ServiceApp
 from tests.support import DATABASE_URL, JWT_SECRET, REDIS_URL, RUN_ID, stop_embedded, unique_name
+
+# Property tests (hypothesis) draw the same examples on every run by default (`make test`,
+# CI), so a failure is reproduced by running again; HYPOTHESIS_PROFILE=explore draws new
+# ones, eight times as many, on every run.
+hypothesis_settings.register_profile("repeatable", derandomize=True, database=None, max_examples=25)
+hypothesis_settings.register_profile("explore", max_examples=200)
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

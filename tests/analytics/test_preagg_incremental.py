@@ -238,8 +238,7 @@ async def play(setup: Setup, operations: list[tuple[str, Any]]) -> asyncpg.Pool:
     return client.app.pool
 
 
-@settings(
-    max_examples=25,
+@settings(  # how many examples, and whether new ones each run: the profile (tests/conftest.py)
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
