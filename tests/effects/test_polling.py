@@ -60,7 +60,7 @@ async def test_an_ended_task_is_cached_long_and_a_running_one_refreshed_each_int
     effects_env: EnvFactory,
 ) -> None:
     env = await effects_env(
-        SimConfig.fast(run_seconds=0.5),
+        SimConfig.fast(run_seconds=3),  # still open at the first look, however slow the machine
         effects_poll_ttl_queued_seconds=0.3,
         effects_poll_ttl_running_seconds=0.3,
         effects_final_ttl_seconds=600,

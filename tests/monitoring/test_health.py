@@ -113,6 +113,9 @@ async def test_degraded_while_redis_is_down_and_healthy_when_it_returns(
         redis_url=f"redis://127.0.0.1:{redis_server.port}/0",
         monitoring_health_targets=f"effects=127.0.0.1:{effects.port}",
         monitoring_health_ttl_seconds=0,
+        # Generous: this test is about Redis, not slow checks (a loaded machine may take
+        # over the default 1 s to answer for effects, which would read unhealthy).
+        monitoring_health_timeout_seconds=10,
         monitoring_health_slow_ms=10_000,
     )
     stub = connect(app)

@@ -39,6 +39,21 @@ async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
     raise AssertionError(f"not reached within {timeout} s")
 
 
+async def evaluated(*apps: ServiceApp, timeout: float = 20.0) -> None:
+    """Until the leader among `apps` has completed a pass that began after this call (its
+    loop's second pass from now: the first may have begun before), whatever the load."""
+    (leader,) = leaders(*apps)
+    engine = monitoring_app.state(leader).engine
+    seen, passes = engine.last_pass, 0
+    for _ in range(int(timeout / 0.01)):
+        if engine.last_pass is not seen:
+            seen, passes = engine.last_pass, passes + 1
+            if passes == 2:
+                return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"the leader made no pass within {timeout} s")
+
+
 async def test_two_replicas_notify_once_and_the_second_takes_over(
     start_monitoring: StartMonitoring, connect: Connect, make_receiver: Callable[..., Awaitable[Receiver]]
 ) -> None:
@@ -57,7 +72,7 @@ async def test_two_replicas_notify_once_and_the_second_takes_over(
     for _ in range(3):  # slow for 3 minutes: the 3 s rule fires (for = 2m)
         clock.advance(60)
         await feed(first, connect, clock, 3500.0)
-        await asyncio.sleep(0.3)  # both loops go round a few times
+        await evaluated(first, second)  # the leader saw this minute (a missed one delays `for`)
     await receiver.wait_for(1)
     await asyncio.sleep(1.0)  # ~10 more passes on each replica
     assert receiver.alerts() == [("firing", "ApiLatencyHigh", "warning")]
@@ -71,12 +86,13 @@ async def test_two_replicas_notify_once_and_the_second_takes_over(
     engine.task.cancel()
     assert engine.election.conn is not None
     engine.election.conn.terminate()
-    await until(lambda: leaders(other) == [other], timeout=5.0)
+    # within seconds (each try opens a connection: slow on a loaded machine, hence 15 s)
+    await until(lambda: leaders(other) == [other], timeout=15.0)
 
     for _ in range(8):  # fast again: resolved after the window and keep_firing_for
         clock.advance(60)
         await feed(other, connect, clock, 10.0)
-        await asyncio.sleep(0.3)
+        await evaluated(other)
     await receiver.wait_for(2)
     await asyncio.sleep(1.0)
     assert receiver.alerts() == [

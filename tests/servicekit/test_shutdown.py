@@ -11,6 +11,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -55,19 +56,39 @@ async def channels(address: str) -> list[grpc.aio.Channel]:
     return opened
 
 
+def arrived(metrics_port: int) -> int:
+    """RecordEvents calls the service has received: in flight plus answered."""
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    lines = urllib.request.urlopen(url, timeout=5).read().decode().splitlines()
+    in_flight = sum(float(x.split()[-1]) for x in lines if x.startswith("grpc_server_in_flight "))
+    answered = sum(
+        float(x.split()[-1])
+        for x in lines
+        if x.startswith("grpc_server_handled_total{") and 'grpc_method="RecordEvents"' in x
+    )
+    return int(in_flight + answered)
+
+
 async def test_sigterm_answers_every_request_in_flight(tmp_path: Path, admin_pg: asyncpg.Connection) -> None:
     schema = unique_name("shutdown")
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     address = f"127.0.0.1:{port}"
     log = tmp_path / "analytics.log"
-    # Flushes wait 300 ms for more rows, so the requests are still in flight at SIGTERM.
-    proc = await asyncio.to_thread(start, schema, port, log, ANALYTICS_FLUSH_INTERVAL_MS="300")
+    # Flushes wait 2 s for more rows, so the requests are still in flight at SIGTERM.
+    proc = await asyncio.to_thread(
+        start, schema, port, log, ANALYTICS_FLUSH_INTERVAL_MS="2000", METRICS_PORT=str(metrics_port)
+    )
     opened = await channels(address)
     try:
         ids = [f"inflight-{c}" for c in range(CLIENTS)]
         stubs = [analytics_pb2_grpc.AnalyticsServiceStub(ch) for ch in opened]
         calls = [stub.RecordEvents(events([i]), timeout=30) for stub, i in zip(stubs, ids, strict=True)]
-        await asyncio.sleep(0.1)  # every request has reached the service
+        for _ in range(600):  # every request has reached the service (not a fixed sleep: load)
+            if await asyncio.to_thread(arrived, metrics_port) >= CLIENTS:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the requests did not all reach the service")
         os.kill(proc.pid, signal.SIGTERM)
         results = await asyncio.gather(*calls, return_exceptions=True)
         codes = Counter(r.code().name if isinstance(r, grpc.aio.AioRpcError) else "OK" for r in results)
