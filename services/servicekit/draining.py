@@ -5,8 +5,11 @@ taken; stopping the server at once would drop them (CANCELLED). So
 :meth:`Arrivals.drain`: keep serving until no RPC has arrived for
 DRAIN_QUIET_SECONDS; then answer the services' new RPCs UNAVAILABLE (clients
 re-send elsewhere; health and reflection go on) until those in flight are done
-and none has arrived for DRAIN_QUIET_SECONDS, each phase at most the drain limit
-(SHUTDOWN_DRAIN_SECONDS). What still arrives after that meets a stopped server.
+and none has arrived for REFUSE_QUIET_SECONDS, each phase at most the drain limit
+(SHUTDOWN_DRAIN_SECONDS). What still arrives after that meets a stopped server:
+gRPC may end such a call CANCELLED rather than UNAVAILABLE, so the refusing phase
+waits long enough for a client that was just answered to send again and be told
+(a client loop on a loaded machine took over 0.1 s; the suite caught it).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ log = logging.getLogger("services.servicekit.server")
 
 # After SIGTERM, how long the server must see no new RPC before it stops taking them.
 DRAIN_QUIET_SECONDS = 0.1
+# While refusing, how long no RPC must arrive before the server stops.
+REFUSE_QUIET_SECONDS = 0.5
 SHUTTING_DOWN = "the service is shutting down: re-send the request"
 
 
@@ -76,7 +81,7 @@ class Arrivals(grpc.aio.ServerInterceptor):
         deadline = drained + limit
         # Until those in flight are done and every client that kept sending was told.
         while time.monotonic() < deadline and (  # noqa: ASYNC110 (counters, no event)
-            in_flight() > 0 or time.monotonic() - self.last < DRAIN_QUIET_SECONDS
+            in_flight() > 0 or time.monotonic() - self.last < REFUSE_QUIET_SECONDS
         ):
             await asyncio.sleep(0.01)
         log.info(
