@@ -31,6 +31,7 @@ import asyncpg
 from datasketches import hll_sketch, hll_union, tgt_hll_type
 
 from services.servicekit.db import Connection
+from services.servicekit.partitions import midnight
 
 LG_K: Final = 14
 HLL_TYPE: Final = tgt_hll_type.HLL_8
@@ -132,8 +133,8 @@ class Sketches:
         recheck_from = max(start, sealed - RECHECK)
         ranges = [(recheck_from, sealed)]
         for day in sorted(set(recheck_days)):
-            midnight = datetime(day.year, day.month, day.day, tzinfo=UTC)
-            day_start, day_end = max(midnight, start), min(midnight + timedelta(days=1), recheck_from)
+            day_start = max(midnight(day), start)
+            day_end = min(midnight(day + timedelta(days=1)), recheck_from)
             if day_start < day_end:
                 ranges.append((day_start, day_end))
         made = 0

@@ -86,6 +86,7 @@ import asyncpg
 from services.analytics import funnel_walks, preagg_sql
 from services.analytics.distinct import Sketches
 from services.servicekit.db import Connection
+from services.servicekit.partitions import midnight
 
 log = logging.getLogger(__name__)
 
@@ -100,10 +101,6 @@ FROM (
 ) f LEFT JOIN preagg_days p ON p.day = f.day
 """
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def _midnight(day: date) -> datetime:
-    return datetime(day.year, day.month, day.day, tzinfo=UTC)
 
 
 @dataclass
@@ -175,7 +172,7 @@ class Preaggregator:
         if full_check is None:
             full_check = self._last_start - self._last_full >= self.full_check_seconds
         cutoff_day = (now - timedelta(days=self.retention_days)).date()
-        oldest = _midnight(cutoff_day)
+        oldest = midnight(cutoff_day)
         today = now.astimezone(UTC).date()
         result = PassResult(refreshed=[], full_check=full_check)
         async with self._local, self._pool.acquire() as conn:
@@ -242,7 +239,7 @@ class Preaggregator:
         from services.analytics import engagement
 
         await conn.execute(preagg_sql.CONSUMED_DDL)
-        status = await conn.execute(preagg_sql.CONSUME_SQL, _midnight(cutoff_day))
+        status = await conn.execute(preagg_sql.CONSUME_SQL, midnight(cutoff_day))
         applied = int(status.rsplit(" ", 1)[-1])
         if not applied:
             await conn.execute("DROP TABLE consumed")
@@ -251,7 +248,7 @@ class Preaggregator:
         await conn.execute(preagg_sql.ENGAGEMENT_ADD_SQL)
         await conn.execute(preagg_sql.CHANGED_SOURCES_SQL)
         await conn.execute(preagg_sql.WALK_SESSIONS_SQL)
-        await funnel_walks.rebuild_sessions(conn, _midnight(cutoff_day))
+        await funnel_walks.rebuild_sessions(conn, midnight(cutoff_day))
         if scores_current:
             longest = max(engagement.WINDOW_DAYS.values())
             await conn.execute(preagg_sql.SCORE_USERS_SQL, today - timedelta(days=longest - 1), today)
@@ -280,7 +277,7 @@ class Preaggregator:
         those pre-aggregated (``steps_current``)."""
         first, last = since.astimezone(UTC).date(), until.astimezone(UTC).date()
         async with self._pool.acquire() as conn:
-            rows = await conn.fetch(_STEPS_CURRENT_SQL, _midnight(first), _midnight(last + timedelta(days=1)))
+            rows = await conn.fetch(_STEPS_CURRENT_SQL, midnight(first), midnight(last + timedelta(days=1)))
         return sorted(r["day"] for r in rows if r["stored"] != r["now"])
 
     async def recompute_day(self, day: date, now: datetime | None = None) -> None:
@@ -290,7 +287,7 @@ class Preaggregator:
         from services.analytics import engagement
 
         now = now or datetime.now(UTC)
-        oldest = _midnight((now - timedelta(days=self.retention_days)).date())
+        oldest = midnight((now - timedelta(days=self.retention_days)).date())
         async with self._local, self._pool.acquire() as conn:
             async with conn.transaction():
                 await conn.execute("SELECT pg_advisory_lock($1)", self._lock_key)
@@ -304,7 +301,7 @@ class Preaggregator:
         """Recompute one day whole from the raw rows, in one REPEATABLE READ transaction
         that also takes the day's change rows out of the log (the rows they stand for are
         among those read), and store the ingest's counts it was made from."""
-        start, end = _midnight(day), _midnight(day + timedelta(days=1))
+        start, end = midnight(day), midnight(day + timedelta(days=1))
         async with conn.transaction(isolation="repeatable_read"):
             await conn.execute("SET LOCAL work_mem = '64MB'")
             counts = await conn.fetchrow(preagg_sql.DAY_COUNTS_SQL, start)

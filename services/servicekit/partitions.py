@@ -38,7 +38,8 @@ def partition_name(parent: str, day: date) -> str:
     return f"{parent}_p{day:%Y%m%d}"
 
 
-def _midnight(day: date) -> datetime:
+def midnight(day: date) -> datetime:
+    """The start of a UTC day (where its partition begins)."""
     return datetime(day.year, day.month, day.day, tzinfo=UTC)
 
 
@@ -119,14 +120,14 @@ class DailyPartitions:
                     name = partition_name(parent, day)
                     await conn.execute(
                         f'CREATE TABLE IF NOT EXISTS {q}."{name}" PARTITION OF {q}."{parent}" '
-                        f"FOR VALUES FROM ('{_midnight(day).isoformat()}') "
-                        f"TO ('{_midnight(day + timedelta(days=1)).isoformat()}')"
+                        f"FOR VALUES FROM ('{midnight(day).isoformat()}') "
+                        f"TO ('{midnight(day + timedelta(days=1)).isoformat()}')"
                     )
                     result.created.append(name)
                 if not retire:
                     continue
                 for day, name in sorted(days.items()):
-                    if _midnight(day + timedelta(days=1)) <= cutoff:
+                    if midnight(day + timedelta(days=1)) <= cutoff:
                         await conn.execute(f'DROP TABLE IF EXISTS {q}."{name}"')
                         result.dropped.append(name)
             if retire:
