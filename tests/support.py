@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import inspect
 import os
 import socket
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import asyncpg
@@ -97,6 +99,29 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool] | bool],
+    timeout: float = 10.0,
+    what: str = "condition",
+    interval: float = 0.05,
+) -> float:
+    """Poll ``check`` (plain or async) until it holds; the seconds that took.
+
+    Raises AssertionError naming ``what`` after ``timeout`` seconds. A loaded machine only
+    makes a wait longer, never a test wrong: tests wait for what they need, not for a time.
+    """
+    started = time.monotonic()
+    while True:
+        result = check()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return time.monotonic() - started
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"{what}: not within {timeout} s")
+        await asyncio.sleep(interval)
 
 
 def service_env(schema: str, **extra: str) -> dict[str, str]:

@@ -16,6 +16,7 @@ from services.analytics.live import LiveDashboard
 from services.servicekit.server import ServiceApp
 from tests.analytics.business_support import ADMIN, FRESH, Client, analytics_app, auth, connect  # noqa: F401
 from tests.conftest import StartService
+from tests.support import eventually
 
 PATH = "/api/analytics/dashboard/performance:stream"
 SSE = {"Accept": "text/event-stream", "Authorization": ADMIN[0][1]}
@@ -53,13 +54,6 @@ async def sse_events(resp: aiohttp.ClientResponse, count: int) -> list[tuple[str
         elif line.startswith("data: "):
             out.append((kind, json.loads(line.removeprefix("data: "))))
     return out
-
-
-async def wait_until(check: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
 
 
 async def test_sse_snapshots_and_heartbeats(edge: tuple[ServiceApp, str, aiohttp.ClientSession]) -> None:
@@ -111,7 +105,7 @@ async def test_auth_and_bad_input(edge: tuple[ServiceApp, str, aiohttp.ClientSes
             if status != 200:
                 assert resp.headers["Content-Type"].startswith("application/json")
                 assert "code" in await resp.json()
-    await wait_until(lambda: live_of(app).open_streams == 0)
+    await eventually(lambda: live_of(app).open_streams == 0)
 
 
 async def test_disconnect_is_noticed_at_once(
@@ -128,10 +122,10 @@ async def test_disconnect_is_noticed_at_once(
         assert live.open_streams == 1
         resp.close()  # the client goes away mid-stream
         started = time.monotonic()
-        await wait_until(lambda: live.open_streams == 0, timeout=5.0)
+        await eventually(lambda: live.open_streams == 0, timeout=5.0)
         assert time.monotonic() - started < 3.0  # not at the next write, 30 s away
     # Its feed stopped with its last subscriber.
-    await wait_until(lambda: not live._feeds)
+    await eventually(lambda: not live._feeds)
 
 
 async def test_cap_and_one_computation_for_every_stream(
@@ -154,6 +148,6 @@ async def test_cap_and_one_computation_for_every_stream(
     finally:
         for r in streams:
             r.close()
-    await wait_until(lambda: live.open_streams == 0)
+    await eventually(lambda: live.open_streams == 0)
     async with http.get(f"{base}{PATH}", headers=SSE) as again:
         assert again.status == 200  # room again once they left

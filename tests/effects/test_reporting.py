@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -24,7 +23,7 @@ from services.effects.taskstore import TaskRow
 from services.servicekit.server import ServiceApp
 from tests.conftest import StartService
 from tests.effects.conftest import Env, EnvFactory
-from tests.support import free_port
+from tests.support import eventually, free_port
 
 REASON = {
     "node_id": "7",
@@ -33,14 +32,6 @@ REASON = {
     "exception_message": "CUDA out of memory",
     "traceback": "...",
 }
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not await check():
-        assert loop.time() < deadline, f"{what}: not after {timeout}s"
-        await asyncio.sleep(0.1)
 
 
 async def stored_ends(analytics: ServiceApp, task_ids: list[str]) -> dict[str, asyncpg.Record]:

@@ -16,7 +16,7 @@ from services.monitoring import app as monitoring_app
 from services.servicekit.clock import ManualClock
 from services.servicekit.server import ServiceApp
 from tests.monitoring.conftest import Connect, Receiver, StartMonitoring
-from tests.support import unique_name
+from tests.support import eventually, unique_name
 
 ENDPOINT = "/cosnap.effects.v1.EffectsService/GetTask"
 
@@ -29,14 +29,6 @@ async def feed(app: ServiceApp, connect: Connect, clock: ManualClock, ms: float)
 
 def leaders(*apps: ServiceApp) -> list[ServiceApp]:
     return [a for a in apps if monitoring_app.state(a).engine.election.leading]
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    for _ in range(int(timeout / 0.05)):
-        if predicate():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"not reached within {timeout} s")
 
 
 async def evaluated(*apps: ServiceApp, timeout: float = 20.0) -> None:
@@ -67,7 +59,7 @@ async def test_two_replicas_notify_once_and_the_second_takes_over(
     }
     first = await start_monitoring(clock, schema=schema, **settings)
     second = await start_monitoring(clock, schema=schema, **settings)
-    await until(lambda: len(leaders(first, second)) == 1)
+    await eventually(lambda: len(leaders(first, second)) == 1)
 
     for _ in range(3):  # slow for 3 minutes: the 3 s rule fires (for = 2m)
         clock.advance(60)
@@ -87,7 +79,7 @@ async def test_two_replicas_notify_once_and_the_second_takes_over(
     assert engine.election.conn is not None
     engine.election.conn.terminate()
     # within seconds (each try opens a connection: slow on a loaded machine, hence 15 s)
-    await until(lambda: leaders(other) == [other], timeout=15.0)
+    await eventually(lambda: leaders(other) == [other], timeout=15.0)
 
     for _ in range(8):  # fast again: resolved after the window and keep_firing_for
         clock.advance(60)

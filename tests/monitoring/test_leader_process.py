@@ -23,7 +23,7 @@ from cosnap.monitoring.v1 import monitoring_pb2, monitoring_pb2_grpc
 from services.servicekit.auth import ServiceTokens
 from services.servicekit.channels import service_channel
 from tests.monitoring.conftest import Receiver
-from tests.support import JWT_SECRET, free_port, service_env, spawn_service, unique_name
+from tests.support import JWT_SECRET, eventually, free_port, service_env, spawn_service, unique_name
 
 ENDPOINT = "/cosnap.effects.v1.EffectsService/GetTask"
 RULES = """
@@ -84,16 +84,6 @@ class Replica:
                 self.proc.wait()
 
 
-async def until(check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> float:
-    """Seconds until `check()` holds (AssertionError after `timeout`)."""
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        if await check():
-            return time.monotonic() - started
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{what}: not within {timeout} s")
-
-
 async def record(port: int, ms: float, n: int) -> None:
     channel = service_channel(f"127.0.0.1:{port}", ServiceTokens(JWT_SECRET, "effects"))
     async with channel:
@@ -128,7 +118,7 @@ async def test_the_leader_process_is_killed_and_the_other_takes_over(
             async def one_leader() -> bool:
                 return len(await leaders()) == 1
 
-            await until(one_leader, 10, "one leader")
+            await eventually(one_leader, 10, "one leader")
 
             # Slow RPCs (through the replica that does not lead): the rule fires, the leader notifies.
             (leader,) = await leaders()
@@ -140,7 +130,7 @@ async def test_the_leader_process_is_killed_and_the_other_takes_over(
                 query = f'SELECT count(*) FROM "{schema}".notifications WHERE sent_at IS NOT NULL'
                 return bool(await admin_pg.fetchval(query) == 1)
 
-            await until(firing_marked_sent, 10, "the firing notification marked sent")
+            await eventually(firing_marked_sent, 10, "the firing notification marked sent")
             await asyncio.sleep(1.0)  # ~5 more passes on each replica: nothing new
             assert receiver.alerts() == [("firing", "ApiLatencyHigh", "warning")]
             assert await leaders() == [leader]
@@ -153,7 +143,7 @@ async def test_the_leader_process_is_killed_and_the_other_takes_over(
             async def other_leads() -> bool:
                 return await other.leading(session)
 
-            took = await until(other_leads, 10, "the other replica leading")
+            took = await eventually(other_leads, 10, "the other replica leading")
             print(f"take-over after SIGKILL: {took:.2f} s")
 
             # Fast RPCs drown the slow ones below the clear threshold: the new

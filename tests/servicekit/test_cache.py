@@ -12,7 +12,7 @@ import shutil
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 from uuid import uuid4
 
@@ -26,6 +26,7 @@ from services.servicekit.cache.codec import unwrap
 from services.servicekit.clock import ManualClock
 from services.servicekit.redis_client import RedisClient, connect_redis
 from tests.servicekit.redis_cluster import RedisCluster
+from tests.support import eventually
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 RUN_PREFIX = f"test-{uuid4().hex[:8]}"
@@ -34,20 +35,6 @@ REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
 def _client(url: str, **kwargs: Any) -> aioredis.Redis:
     return aioredis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5, **kwargs)
-
-
-async def _eventually(check: Callable[[], Awaitable[bool] | bool], timeout: float = 2.0) -> None:
-    """Poll ``check`` until it is true; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        await asyncio.sleep(0.02)
 
 
 def stored(raw: bytes | None) -> bytes:
@@ -344,13 +331,13 @@ async def test_invalidation_reaches_other_instances(make_cache: Any, redis_clien
     await a.invalidate("k")
     assert await redis_client.exists(a.redis_key("k")) == 0
     assert await a.get("k") is None  # A dropped its own entry immediately
-    await _eventually(lambda: b.stats()["invalidations_received"] == 1)
+    await eventually(lambda: b.stats()["invalidations_received"] == 1)
     assert await b.get_or_load("k", loader_b, ttl=30) == "new"
     assert loader_b.calls == 1
 
     # set() on one instance also replaces the others' L1 copy.
     await a.set("k", "newest", ttl=30)
-    await _eventually(lambda: b.stats()["invalidations_received"] == 2)
+    await eventually(lambda: b.stats()["invalidations_received"] == 2)
     assert await b.get("k") == "newest"
 
     # invalidate_prefix drops matching keys on every level and instance.
@@ -359,7 +346,7 @@ async def test_invalidation_reaches_other_instances(make_cache: Any, redis_clien
         assert await b.get(key) == key
     await b.invalidate_prefix("user:")
     assert await redis_client.exists(a.redis_key("user:1"), a.redis_key("user:2")) == 0
-    await _eventually(lambda: a.stats()["invalidations_received"] == 1)
+    await eventually(lambda: a.stats()["invalidations_received"] == 1)
     assert await a.get("user:1") is None and await b.get("user:2") is None
     assert await a.get("other") == "other"
 
@@ -434,13 +421,13 @@ async def test_redis_outage_and_recovery(
         slow.gate.set()
         await together
         assert slow.calls == 1
-        await _eventually(lambda: not b.redis_available and not b.subscribed)
+        await eventually(lambda: not b.redis_available and not b.subscribed)
         outage_warnings = [r for r in caplog.records if "Redis unavailable" in r.getMessage()]
         assert len(outage_warnings) == 2, outage_warnings  # once per instance, not per call
 
         await private_redis.start()  # same port, empty data set
-        await _eventually(lambda: a.redis_available and b.redis_available, timeout=5)
-        await _eventually(lambda: a.subscribed and b.subscribed, timeout=5)
+        await eventually(lambda: a.redis_available and b.redis_available, timeout=5)
+        await eventually(lambda: a.subscribed and b.subscribed, timeout=5)
 
         # Back to normal: writes reach Redis again ...
         await a.set("after", {"ok": True}, ttl=60)
@@ -448,7 +435,7 @@ async def test_redis_outage_and_recovery(
         assert await b.get("after") == {"ok": True}
         # ... and invalidation broadcasts flow between the instances again.
         await a.invalidate("after")
-        await _eventually(lambda: b.stats()["l1_size"] == 0)
+        await eventually(lambda: b.stats()["l1_size"] == 0)
         assert await b.get("after") is None
         assert len([r for r in caplog.records if "Redis unavailable" in r.getMessage()]) == 2
     finally:
@@ -471,7 +458,7 @@ async def test_stalled_redis_times_out_and_invalidations_are_replayed(
         a = await make_cache(name, client=client_a, **opts)
         b = await make_cache(name, client=client_b, **opts)
         await a.set("k", "old", ttl=60)
-        await _eventually(lambda: b.stats()["invalidations_received"] == 1)  # set() broadcasts too
+        await eventually(lambda: b.stats()["invalidations_received"] == 1)  # set() broadcasts too
         assert await b.get("k") == "old"
 
         private_redis.proc.send_signal(signal.SIGSTOP)
@@ -488,8 +475,8 @@ async def test_stalled_redis_times_out_and_invalidations_are_replayed(
         finally:
             private_redis.proc.send_signal(signal.SIGCONT)
 
-        await _eventually(lambda: a.redis_available, timeout=8)
-        await _eventually(lambda: b.stats()["invalidations_received"] == 2)  # the replay
+        await eventually(lambda: a.redis_available, timeout=8)
+        await eventually(lambda: b.stats()["invalidations_received"] == 2)  # the replay
         assert await client_a.exists(a.redis_key("k")) == 0
         assert await b.get_or_load("k", Loader("newer"), ttl=60) == "newer"
     finally:
@@ -509,9 +496,9 @@ async def test_start_while_redis_is_down_then_recover(private_redis: RedisServer
         try:
             assert not cache.subscribed
             assert await cache.get_or_load("k", Loader("v"), ttl=30) == "v"
-            await _eventually(lambda: not cache.redis_available)
+            await eventually(lambda: not cache.redis_available)
             await private_redis.start()
-            await _eventually(lambda: cache.subscribed and cache.redis_available, timeout=5)
+            await eventually(lambda: cache.subscribed and cache.redis_available, timeout=5)
             await cache.set("k2", "v2", ttl=30)
             assert stored(await client.get(cache.redis_key("k2"))) == b'"v2"'
         finally:
@@ -555,7 +542,7 @@ async def test_cluster_spreads_keys_and_invalidates_on_every_master(
         assert [await b.get(k) for k in keys] == keys
         await b.invalidate_prefix("user:")  # SCAN and UNLINK on every master
         assert await client.exists(*(a.redis_key(k) for k in keys)) == 0
-        await _eventually(lambda: a.stats()["invalidations_received"] == 1)
+        await eventually(lambda: a.stats()["invalidations_received"] == 1)
         assert a.stats()["l1_size"] == 0
         # The channel is a shard channel: SPUBLISH reaches the subscribers, PUBLISH does not.
         node = client.get_node_from_key(a.channel)
@@ -580,7 +567,7 @@ async def test_a_service_on_a_cluster_url(cluster: RedisCluster, start_service: 
         await one.set("k", {"v": 1}, ttl=30)
         assert await other.get("k") == {"v": 1}
         await one.set("k", {"v": 2}, ttl=30)
-        await _eventually(lambda: other.stats()["invalidations_received"] == 2)  # each set() broadcasts
+        await eventually(lambda: other.stats()["invalidations_received"] == 2)  # each set() broadcasts
         assert await other.get("k") == {"v": 2}
     finally:
         await other.close()

@@ -17,7 +17,16 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.monitoring import app as monitoring_app
-from tests.support import DATABASE_URL, ROOT, free_port, service_env, spawn_service, unique_name, wait_serving
+from tests.support import (
+    DATABASE_URL,
+    ROOT,
+    eventually,
+    free_port,
+    service_env,
+    spawn_service,
+    unique_name,
+    wait_serving,
+)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -129,13 +138,6 @@ async def readiness(port: int) -> int:
         return reply.status
 
 
-async def wait_for(predicate: Any, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while not await predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.2)
-
-
 async def test_postgres_lost_while_running_turns_readiness_off_then_recovers(start_service: Any) -> None:
     target = urlparse(DATABASE_URL)
     proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 5432)
@@ -148,7 +150,7 @@ async def test_postgres_lost_while_running_turns_readiness_off_then_recovers(sta
     async def not_serving() -> bool:
         return await readiness(app.port) == health_pb2.HealthCheckResponse.NOT_SERVING
 
-    await wait_for(not_serving)
+    await eventually(not_serving, timeout=15)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch:
         live = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="liveness"))
     assert live.status == health_pb2.HealthCheckResponse.SERVING  # alive, just not ready
@@ -157,7 +159,7 @@ async def test_postgres_lost_while_running_turns_readiness_off_then_recovers(sta
     async def serving() -> bool:
         return await readiness(app.port) == health_pb2.HealthCheckResponse.SERVING
 
-    await wait_for(serving)
+    await eventually(serving, timeout=15)
     await proxy.cut()
 
 

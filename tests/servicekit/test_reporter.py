@@ -22,7 +22,7 @@ from services.servicekit.errors import invalid_argument
 from services.servicekit.reporter import memory_limit_bytes, memory_used_bytes
 from services.servicekit.server import ServiceApp
 from tests.servicekit.test_cache import RedisServer
-from tests.support import free_port
+from tests.support import eventually, free_port
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -91,15 +91,6 @@ def module(name: str, servicer: Any) -> SimpleNamespace:
 async def receiver(start_service: Any) -> tuple[ServiceApp, Receiver]:
     servicer = Receiver()
     return await start_service(module("monitoring", servicer)), servicer
-
-
-async def eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Poll `check` until it is true; fail after `timeout` seconds."""
-    async with asyncio.timeout(timeout):
-        while True:
-            if check():
-                return
-            await asyncio.sleep(0.02)
 
 
 async def calls(app: ServiceApp, n: int, failing: int = 0) -> None:
