@@ -148,7 +148,6 @@ class Preaggregator:
         )
         self._local = asyncio.Lock()
         self.sketches = Sketches(pool)
-        self._sketch_days: set[date] = set()  # days with new rows, their sketches not yet rechecked
         self.passes = 0
         self._last_start = -math.inf  # time.monotonic() of this replica's last pass start
         self._last_full = -math.inf  # ... and of its last full check
@@ -208,6 +207,11 @@ class Preaggregator:
                         continue
                     await self._refresh_day(conn, day, now, oldest)
                     result.refreshed.append(day)
+                if result.refreshed:  # rows that came without change rows: their hours too
+                    await conn.execute(
+                        "INSERT INTO sketch_recheck_days (day) SELECT unnest($1::date[]) ON CONFLICT DO NOTHING",
+                        result.refreshed,
+                    )
                 # Every user's scores when a day was recomputed whole or a day began (the
                 # changed users' were stored with the changes).
                 if result.refreshed or not scores_current:
@@ -224,7 +228,6 @@ class Preaggregator:
             finally:
                 await conn.execute("SELECT pg_advisory_unlock($1)", self._lock_key)
         self.passes += 1
-        self._sketch_days.update(result.changed_days)
         if full_check:
             self._last_full = self._last_start
         if result.refreshed:
@@ -245,6 +248,10 @@ class Preaggregator:
             await conn.execute("DROP TABLE consumed")
             return 0, []
         days = [r["day"] for r in await conn.fetch(preagg_sql.DAYS_ADD_SQL, _EPOCH)]
+        # the next sketch build, on any replica, recounts these days' hours
+        await conn.execute(
+            "INSERT INTO sketch_recheck_days (day) SELECT unnest($1::date[]) ON CONFLICT DO NOTHING", days
+        )
         await conn.execute(preagg_sql.ENGAGEMENT_ADD_SQL)
         await conn.execute(preagg_sql.CHANGED_SOURCES_SQL)
         await conn.execute(preagg_sql.WALK_SESSIONS_SQL)
@@ -334,14 +341,16 @@ class Preaggregator:
 
     async def build_sketches(self, now: datetime | None = None) -> int:
         """The hourly distinct-count sketches due (``distinct.py``), under the same lock;
-        the days this replica's passes saw new rows for are rechecked, however old."""
+        the days passes saw new rows for (``sketch_recheck_days``, written by any replica's
+        pass) are rechecked, however old, and forgotten once a build has rechecked them."""
         now = now or datetime.now(UTC)
-        days = set(self._sketch_days)
         async with self._local, self._pool.acquire() as conn:
             await conn.execute("SELECT pg_advisory_lock($1)", self._lock_key)
             try:
+                days = [r["day"] for r in await conn.fetch("SELECT day FROM sketch_recheck_days")]
                 made = await self.sketches.build(now, now - timedelta(days=self.retention_days), days)
+                # kept for the next build when this one failed
+                await conn.execute("DELETE FROM sketch_recheck_days WHERE day = ANY($1::date[])", days)
             finally:
                 await conn.execute("SELECT pg_advisory_unlock($1)", self._lock_key)
-        self._sketch_days -= days  # kept for the next build when this one failed
         return made

@@ -11,6 +11,7 @@ import pytest
 
 from cosnap.analytics.v1 import analytics_pb2
 from services.analytics.distinct import SEAL_DELAY, Sketches, floor_hour, sealed_before
+from services.analytics.preagg import Preaggregator
 from services.servicekit.server import ServiceApp
 from tests.analytics.business_support import ADMIN, FRESH, Client, analytics_app, connect  # noqa: F401
 from tests.conftest import StartService
@@ -103,6 +104,25 @@ async def test_late_rows_for_days_older_than_the_recheck_are_picked_up(client: C
     assert (week.engagement.sessions, week.engagement.users) == (2, 2)
     await preagg.build_sketches()  # rechecked once: nothing more to make
     assert preagg.sketches.built == built + 1
+
+
+async def test_a_pass_s_recheck_reaches_another_replica_s_build(client: Client) -> None:
+    """The days a pass names are stored with the pass, not kept by its replica: when that
+    replica dies before its build, another replica's build remakes the old hour."""
+    preagg = analytics_app().state(client.app).business.preagg
+    assert preagg._pool is not None
+    old = floor_hour(datetime.now(UTC)) - 50 * HOUR
+    await client.events("u1", old + timedelta(minutes=5), session="a")
+    await preagg.run_once()
+    await preagg.build_sketches()
+    await client.events("u2", old + timedelta(minutes=6), session="b")
+    assert old.date() in (await preagg.run_once()).changed_days  # ... and this replica dies here
+
+    other = Preaggregator(preagg._pool, client.app.schema, retention_days=preagg.retention_days)
+    assert await other.build_sketches() == 1
+    week = await dashboard(client, "7d")
+    assert (week.engagement.sessions, week.engagement.users) == (2, 2)
+    assert await preagg.build_sketches() == 0  # rechecked once, by whichever replica built
 
 
 async def test_large_sets_within_two_percent(client: Client, admin_pg: asyncpg.Connection) -> None:
