@@ -6,6 +6,7 @@ dies at start are reported as such."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -217,25 +218,62 @@ def test_a_service_that_dies_at_start_is_named_with_its_log(shared_local: Path, 
     assert "stopped in" in output
 
 
-def test_ctrl_c_during_the_first_initdb_stops_at_once(scratch: Path) -> None:
-    folder = Path(tempfile.mkdtemp(prefix="cosnap-up-fresh-"))
-    folder.chmod(0o755)
+def _state(pid: int) -> str:
+    """The process's state letter from /proc (R, S, T stopped, Z ended), or "" when it is gone."""
     try:
-        up = Up(folder / "local", ports(), scratch)
-        up.wait_for("creating the embedded PostgreSQL cluster")
-        time.sleep(0.3)  # initdb is running
-        up.proc.send_signal(signal.SIGINT)
-        assert up.finish(30) == 0
-        assert "Traceback" not in up.output and "stopped in" in up.output
-        assert not (folder / "local" / "pgdata").exists()
-        # The interrupted cluster is made again, whole, on the next start.
-        up = Up(folder / "local", ports(), scratch)
-        up.wait_for("starting embedded PostgreSQL", timeout=120)
-        up.proc.send_signal(signal.SIGINT)
-        assert up.finish() == 0
-        assert (folder / "local" / "pgdata" / "PG_VERSION").exists()
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
+def _pending(pid: int, sig: signal.Signals) -> bool:
+    """Whether `sig` was sent to the process and waits for it to run again."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    mask = int(fields["ShdPnd"], 16) | int(fields["SigPnd"], 16)
+    return bool(mask >> (sig - 1) & 1)
+
+
+def test_ctrl_c_during_the_first_initdb_stops_at_once(scratch: Path) -> None:
+    """initdb is held (SIGSTOP) from when the test sees it start until `make up` has asked it
+    to stop (its SIGTERM pending), so Ctrl-C lands in the middle of initdb however fast the
+    machine (it takes ~0.5 s; a fixed sleep before Ctrl-C missed it on a fast, quiet run)."""
+    for _ in range(3):
+        folder = Path(tempfile.mkdtemp(prefix="cosnap-up-fresh-"))
+        folder.chmod(0o755)
+        try:
+            up = Up(folder / "local", ports(), scratch)
+            up.wait_for("| initdb started (pid ")
+            initdb = up.pid_of("initdb")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(initdb, signal.SIGSTOP)
+            while (state := _state(initdb)) not in ("T", "Z", ""):
+                time.sleep(0.01)
+            up.proc.send_signal(signal.SIGINT)
+            if state != "T":  # initdb ended before the test held it: try again from scratch
+                up.finish(30)
+                continue
+            deadline = time.monotonic() + 30
+            while not _pending(initdb, signal.SIGTERM):
+                assert time.monotonic() < deadline, "make up never asked initdb to stop"
+                time.sleep(0.01)
+            os.kill(initdb, signal.SIGCONT)
+            assert up.finish(30) == 0
+            assert "Traceback" not in up.output and "stopped in" in up.output
+            assert not (folder / "local" / "pgdata").exists(), up.output
+            # The interrupted cluster is made again, whole, on the next start.
+            up = Up(folder / "local", ports(), scratch)
+            up.wait_for("starting embedded PostgreSQL", timeout=120)
+            up.proc.send_signal(signal.SIGINT)
+            assert up.finish() == 0
+            assert (folder / "local" / "pgdata" / "PG_VERSION").exists()
+            return
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+    pytest.fail("initdb ended before the test could hold it, three times")
 
 
 def test_make_token_mints_a_token_for_any_user_and_role() -> None:
