@@ -27,6 +27,7 @@ from services.analytics.validation import Limits, Row, validate_events
 from services.servicekit.errors import bad_request_violations
 from services.servicekit.server import ServiceApp
 from tests.conftest import StartService
+from tests.support import eventually
 
 
 @dataclass
@@ -199,7 +200,14 @@ async def test_racing_insert_of_a_new_id_falls_back_and_counts_a_duplicate(svc: 
                 )
             ),
         )
-        await asyncio.sleep(0.5)  # the flush is now waiting on our uncommitted keys
+        waiting = (
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND wait_event_type = 'Lock'"
+        )
+
+        async def flush_waits() -> bool:
+            return bool(await svc.db.fetchval(waiting, svc.app.schema))
+
+        await eventually(flush_waits, 30, "a flush waiting on our uncommitted keys")
         assert not sending.done()
         await tx.commit()
         events_reply, steps_reply = await asyncio.wait_for(sending, 10)
