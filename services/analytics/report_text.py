@@ -27,6 +27,11 @@ def fmt_count(value: int) -> str:
     return f"{value:,}"
 
 
+def counted(n: int, noun: str) -> str:
+    """'1 alert', '3 alerts': a count with its noun in the right number."""
+    return f"{fmt_count(n)} {noun}{'' if n == 1 else 's'}"
+
+
 def fmt_period(data: WeeklyData) -> str:
     """The report's seven days, e.g. "01 Dec \u2013 07 Dec 2026 (UTC)"."""
     first, last = data.days[0], data.days[-1]
@@ -101,8 +106,8 @@ def findings(data: WeeklyData) -> list[Finding]:
         if before is not None:
             points = (conv - before) * 100
             out.append(
-                Finding(
-                    abs(points) / 2,
+                Finding(  # 2 points either way outrank a cache below its level
+                    abs(points) * 2,
                     f"Funnel conversion (discovered to processed) {conv:.1%}, "
                     f"{points:+.1f} points vs last week ({before:.1%}).",
                 )
@@ -127,7 +132,7 @@ def findings(data: WeeklyData) -> list[Finding]:
             out.append(
                 Finding(
                     6 + worst.error_rate * 10,
-                    f"{len(erring)} endpoint(s) above 1% errors; worst {worst.service} "
+                    f"{counted(len(erring), 'endpoint')} above 1% errors; worst {worst.service} "
                     f"{_short(worst.endpoint)} at {worst.error_rate:.1%}.",
                 )
             )
@@ -150,7 +155,7 @@ def findings(data: WeeklyData) -> list[Finding]:
             out.append(
                 Finding(
                     4 + critical_opened * 3,
-                    f"{opened} alert(s) opened this week"
+                    f"{counted(opened, 'alert')} opened this week"
                     + (f" ({per})" if per else "")
                     + f", {resolved} resolved.",
                 )
@@ -164,7 +169,7 @@ def findings(data: WeeklyData) -> list[Finding]:
             out.append(
                 Finding(
                     5 + critical * 3,
-                    f"{total} alert(s) open at report time ({critical} critical, {error} error, {warning} warning).",
+                    f"{counted(total, 'alert')} open at report time ({critical} critical, {error} error, {warning} warning).",
                 )
             )
     if data.unavailable:

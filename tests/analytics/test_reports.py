@@ -404,7 +404,7 @@ async def test_report_of_a_past_week_with_a_real_monitoring_service(
     page = reply.body.data.decode()
     assert "Alerts this week" in page
     assert "<tr><td>critical</td><td>1</td><td>1</td></tr>" in page
-    assert "3 alert(s) opened this week (1 critical, 1 error, 1 warning), 2 resolved." in page
+    assert "3 alerts opened this week (1 critical, 1 error, 1 warning), 2 resolved." in page
     assert "Not in this report" not in page
 
 
