@@ -25,8 +25,9 @@ interval per replica, serialized once, fanned out to every open stream.
   unsubscribes it at once (and the feed stops with its last subscriber).
 
 What each extra stream still costs is grpc.aio sending one message on one HTTP/2
-stream per interval (about 0.1 ms of CPU on the benchmark's machine, near a bare
-grpc.aio server's; ``bench/stream.py``, figures in ``bench/README.md``).
+stream per interval (about 0.03 ms of CPU on a quiet 2-core machine, up to 0.1 ms on a
+loaded one, within a few µs of a bare grpc.aio server's; ``bench/stream.py``, figures in
+``bench/README.md``).
 
 A snapshot covers the last ``window_seconds`` (5 minutes): events per second
 (``rollup_events``, 5-minute buckets, divided by the seconds they span),
