@@ -257,6 +257,7 @@ def _page_two(data: WeeklyData) -> Figure:
     twin.plot(xs, data.active_users, color=ACCENT, lw=2, marker="o", ms=4, label="active users")
     twin.set_ylim(0, max([1, *data.active_users]) * 1.3)
     twin.yaxis.set_major_locator(MaxNLocator(integer=True))
+    twin.yaxis.set_major_formatter(lambda y, _: fmt_count(int(y)))
     twin.set_ylabel("active users", fontsize=8, color=ACCENT)
     twin.spines["right"].set_visible(True)
     twin.tick_params(axis="y", colors=ACCENT, labelsize=7)
