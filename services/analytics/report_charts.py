@@ -86,13 +86,37 @@ def _arrow(now: float | None, before: float | None, lower_is_better: bool) -> tu
     return f"{arrow} {abs(change):.0%} vs last week", better
 
 
-def _page_one(data: WeeklyData, lines: list[str]) -> Figure:
-    fig = Figure(figsize=A4_LANDSCAPE, facecolor="white")
-    fig.text(0.04, 0.935, "Cosnap · weekly performance", fontsize=22, fontweight="bold", color=INK)
-    fig.text(0.04, 0.905, f"{data.week.label} · {fmt_period(data)}", fontsize=11, color=MUTED)
-    fig.text(
-        0.96, 0.935, f"generated {data.generated_at:%Y-%m-%d %H:%M} UTC", fontsize=8, color=MUTED, ha="right"
-    )
+# Page one without its header (title and "what changed"): the HTML page writes those as text.
+_HEADER_INCHES = 1.0  # above the tiles
+_SUMMARY_INCHES = 2.0  # between the tiles and the web vitals
+
+
+def page_one(data: WeeklyData, lines: list[str], *, header: bool = True) -> Figure:
+    """Page one: title, KPI tiles, what changed, web vitals. Without ``header`` only the tiles
+    and the web vitals, on a shorter figure (the HTML page has the rest as text)."""
+    width, height = A4_LANDSCAPE
+    cut_top, cut_middle = (0.0, 0.0) if header else (_HEADER_INCHES, _SUMMARY_INCHES)
+    fig = Figure(figsize=(width, height - cut_top - cut_middle), facecolor="white")
+
+    def y(fraction: float) -> float:
+        """A height given as a fraction of the A4 page, as a fraction of this figure."""
+        inches = fraction * height - (cut_middle if fraction >= 0.72 else 0.0)
+        return inches / (height - cut_top - cut_middle)
+
+    def h(fraction: float) -> float:
+        return fraction * height / (height - cut_top - cut_middle)
+
+    if header:
+        fig.text(0.04, 0.935, "Cosnap · weekly performance", fontsize=22, fontweight="bold", color=INK)
+        fig.text(0.04, 0.905, f"{data.week.label} · {fmt_period(data)}", fontsize=11, color=MUTED)
+        fig.text(
+            0.96,
+            0.935,
+            f"generated {data.generated_at:%Y-%m-%d %H:%M} UTC",
+            fontsize=8,
+            color=MUTED,
+            ha="right",
+        )
 
     # KPI tiles.
     lcp = next((v for v in data.vitals if v.name == "LCP"), None)
@@ -112,21 +136,27 @@ def _page_one(data: WeeklyData, lines: list[str]) -> Figure:
         ),
     ]
     for i, (title, value, delta, good) in enumerate(tiles):
-        _tile(fig, (0.04 + i * 0.235, 0.74, 0.215, 0.12), title, value, delta, good)
+        _tile(fig, (0.04 + i * 0.235, y(0.74), 0.215, h(0.12)), title, value, delta, good)
 
-    # What changed.
-    fig.text(0.04, 0.695, "What changed", fontsize=13, fontweight="bold", color=INK)
-    y = 0.665
-    for line in lines:
-        for j, chunk in enumerate(_wrap(line, 150)):
-            fig.text(0.05 if j == 0 else 0.062, y, ("•  " if j == 0 else "") + chunk, fontsize=10, color=INK)
-            y -= 0.026
+    if header:  # what changed
+        fig.text(0.04, 0.695, "What changed", fontsize=13, fontweight="bold", color=INK)
+        line_y = 0.665
+        for line in lines:
+            for j, chunk in enumerate(_wrap(line, 150)):
+                fig.text(
+                    0.05 if j == 0 else 0.062,
+                    line_y,
+                    ("•  " if j == 0 else "") + chunk,
+                    fontsize=10,
+                    color=INK,
+                )
+                line_y -= 0.026
     # Web vitals, one panel each: daily p75 against the thresholds, last week's p75 dashed.
-    fig.text(0.04, 0.44, "Core Web Vitals · p75 per day", fontsize=13, fontweight="bold", color=INK)
+    fig.text(0.04, y(0.44), "Core Web Vitals · p75 per day", fontsize=13, fontweight="bold", color=INK)
     n = len(data.vitals)
-    width = 0.92 / n
+    panel = 0.92 / n
     for i, v in enumerate(data.vitals):
-        ax = fig.add_axes((0.04 + i * width + 0.012, 0.08, width - 0.04, 0.3))
+        ax = fig.add_axes((0.04 + i * panel + 0.012, y(0.08), panel - 0.04, h(0.3)))
         _vital_panel(ax, v, data)
     return fig
 
@@ -363,7 +393,7 @@ def _unavailable(ax: matplotlib.axes.Axes, what: str, why: str, width: int = 60)
 
 def pages(data: WeeklyData, lines: list[str]) -> list[Figure]:
     """The report's two pages; `lines` are the "what changed" sentences (page one)."""
-    return [_page_one(data, lines), _page_two(data)]
+    return [page_one(data, lines), _page_two(data)]
 
 
 def pdf(figures: list[Figure], title: str) -> bytes:

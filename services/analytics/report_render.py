@@ -32,7 +32,9 @@ def render(data: WeeklyData) -> Rendered:
     pages = report_charts.pages(data, lines)
     pdf = report_charts.pdf(pages, f"Cosnap weekly performance {data.week.label}")
     pngs = [report_charts.image(page, "png") for page in pages]
-    svgs = [report_charts.image(page, "svg").decode("utf-8") for page in pages]
+    # The HTML page has the title and the summary as text: its first chart leaves them out.
+    charts = [report_charts.page_one(data, lines, header=False), *pages[1:]]
+    svgs = [report_charts.image(page, "svg").decode("utf-8") for page in charts]
     return Rendered(_html(data, lines, svgs), pdf, pngs, lines)
 
 

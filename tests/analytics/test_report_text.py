@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from services.analytics.report_render import render
 from services.analytics.report_text import counted, summary
 from tools.report_example import example
@@ -34,3 +36,8 @@ def test_the_example_renders_both_pages() -> None:
     assert rendered.pdf.startswith(b"%PDF") and len(rendered.pngs) == 2
     assert all(png.startswith(b"\x89PNG\r\n\x1a\n") for png in rendered.pngs)
     assert "2026-W48" in rendered.html and rendered.summary == summary(example())
+    # The HTML page writes the title and the summary as text once; its first chart leaves
+    # them out (the PDF's page one has them), so it is 3 inches (216 pt) shorter than A4.
+    page_heights = [float(h) for h in re.findall(r'<svg[^>]* height="([\d.]+)pt"', rendered.html)]
+    assert page_heights == [379.44, 595.44]
+    assert rendered.html.count("<h1>") == 1 and rendered.html.count("<li>LCP p75 improved") == 1
