@@ -30,7 +30,7 @@ class SmtpSettings:
 
 
 def build_message(
-    settings: SmtpSettings, week: str, summary: list[str], pdf: bytes, page_one_png: bytes
+    settings: SmtpSettings, week: str, summary: list[str], pdf: bytes, charts_png: bytes
 ) -> EmailMessage:
     message = EmailMessage()
     message["Subject"] = f"Cosnap weekly performance {week}"
@@ -45,7 +45,7 @@ def build_message(
     message.add_alternative(
         f"<html><body style='font-family:sans-serif;color:#202124'>"
         f"<h2>Cosnap weekly performance, {html.escape(week)}</h2><ul>{items}</ul>"
-        f"<img src='cid:{cid[1:-1]}' alt='Report page one' style='max-width:100%'>"
+        f"<img src='cid:{cid[1:-1]}' alt='Key figures and web vitals' style='max-width:100%'>"
         f"<p>The full report is attached (PDF).</p></body></html>",
         subtype="html",
     )
@@ -53,7 +53,7 @@ def build_message(
     assert isinstance(parts, list)
     html_part = parts[1]
     assert isinstance(html_part, EmailMessage)
-    html_part.add_related(page_one_png, maintype="image", subtype="png", cid=cid)
+    html_part.add_related(charts_png, maintype="image", subtype="png", cid=cid)
     message.add_attachment(pdf, maintype="application", subtype="pdf", filename=f"cosnap-weekly-{week}.pdf")
     return message
 

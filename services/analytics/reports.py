@@ -187,7 +187,7 @@ class WeeklyReports:
                 "\n".join(rendered.summary),
                 rendered.html,
                 rendered.pdf,
-                rendered.pngs[0],
+                rendered.mail_png,
             )
         self.generated.append(week.label)
         log.info("weekly report made", extra={"week": week.label})

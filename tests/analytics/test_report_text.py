@@ -41,3 +41,7 @@ def test_the_example_renders_both_pages() -> None:
     page_heights = [float(h) for h in re.findall(r'<svg[^>]* height="([\d.]+)pt"', rendered.html)]
     assert page_heights == [379.44, 595.44]
     assert rendered.html.count("<h1>") == 1 and rendered.html.count("<li>LCP p75 improved") == 1
+    # The e-mail's picture is that same shorter chart (the e-mail writes the summary as text).
+    width, height = (int.from_bytes(rendered.mail_png[i : i + 4], "big") for i in (16, 20))
+    page_width, page_height = (int.from_bytes(rendered.pngs[0][i : i + 4], "big") for i in (16, 20))
+    assert rendered.mail_png.startswith(b"\x89PNG") and width == page_width and height < page_height * 0.7
