@@ -79,11 +79,17 @@ def example() -> WeeklyData:
     )
 
 
-def main() -> None:
-    from services.analytics.report_render import render
+def page_one_png(data: WeeklyData) -> bytes:
+    """Page one as the PDF has it, as PNG."""
+    from services.analytics.report_charts import image, page_one
+    from services.analytics.report_text import summary
 
+    return image(page_one(data, summary(data)), "png")
+
+
+def main() -> None:
     out = Path(sys.argv[1]) if len(sys.argv) > 1 else OUT
-    out.write_bytes(render(example()).pngs[0])  # the page as the e-mail carries it
+    out.write_bytes(page_one_png(example()))
     print(f"wrote {out}")
 
 

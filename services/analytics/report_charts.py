@@ -86,21 +86,24 @@ def _arrow(now: float | None, before: float | None, lower_is_better: bool) -> tu
     return f"{arrow} {abs(change):.0%} vs last week", better
 
 
-# Page one without its header (title and "what changed"): the HTML page writes those as text.
+# Page one without its header (title and "what changed"): the HTML page and the e-mail
+# write those as text.
+_TILES = 0.74  # the KPI tiles' bottom, as a fraction of the A4 page
 _HEADER_INCHES = 1.0  # above the tiles
 _SUMMARY_INCHES = 2.0  # between the tiles and the web vitals
 
 
 def page_one(data: WeeklyData, lines: list[str], *, header: bool = True) -> Figure:
     """Page one: title, KPI tiles, what changed, web vitals. Without ``header`` only the tiles
-    and the web vitals, on a shorter figure (the HTML page has the rest as text)."""
+    and the web vitals, on a shorter figure (the HTML page and the e-mail have the rest as
+    text)."""
     width, height = A4_LANDSCAPE
     cut_top, cut_middle = (0.0, 0.0) if header else (_HEADER_INCHES, _SUMMARY_INCHES)
     fig = Figure(figsize=(width, height - cut_top - cut_middle), facecolor="white")
 
     def y(fraction: float) -> float:
         """A height given as a fraction of the A4 page, as a fraction of this figure."""
-        inches = fraction * height - (cut_middle if fraction >= 0.72 else 0.0)
+        inches = fraction * height - (cut_middle if fraction >= _TILES else 0.0)
         return inches / (height - cut_top - cut_middle)
 
     def h(fraction: float) -> float:
@@ -136,7 +139,7 @@ def page_one(data: WeeklyData, lines: list[str], *, header: bool = True) -> Figu
         ),
     ]
     for i, (title, value, delta, good) in enumerate(tiles):
-        _tile(fig, (0.04 + i * 0.235, y(0.74), 0.215, h(0.12)), title, value, delta, good)
+        _tile(fig, (0.04 + i * 0.235, y(_TILES), 0.215, h(0.12)), title, value, delta, good)
 
     if header:  # what changed
         fig.text(0.04, 0.695, "What changed", fontsize=13, fontweight="bold", color=INK)

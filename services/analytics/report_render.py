@@ -22,7 +22,6 @@ DASH = "\u2013"
 class Rendered:
     html: str
     pdf: bytes
-    pngs: list[bytes]  # the pages as in the PDF
     summary: list[str]
     mail_png: bytes  # page one's charts without its title and summary (the e-mail has them as text)
 
@@ -32,13 +31,12 @@ def render(data: WeeklyData) -> Rendered:
     lines = summary(data)
     pages = report_charts.pages(data, lines)
     pdf = report_charts.pdf(pages, f"Cosnap weekly performance {data.week.label}")
-    pngs = [report_charts.image(page, "png") for page in pages]
     # The HTML page and the e-mail have the title and the summary as text: their first
     # chart leaves them out.
     charts = [report_charts.page_one(data, lines, header=False), *pages[1:]]
     svgs = [report_charts.image(page, "svg").decode("utf-8") for page in charts]
     mail_png = report_charts.image(charts[0], "png")
-    return Rendered(_html(data, lines, svgs), pdf, pngs, lines, mail_png)
+    return Rendered(_html(data, lines, svgs), pdf, lines, mail_png)
 
 
 def _html(data: WeeklyData, lines: list[str], svgs: list[str]) -> str:
