@@ -365,6 +365,12 @@ def print_stream(result: dict[str, Any]) -> None:
             f"(ratio {f['service_ratio']}), {f['marginal_us_per_message']} µs per extra message: the floor "
             f"of one message sent on one stream"
         )
+        if s["marginal_us_per_message"] and f["marginal_us_per_message"]:
+            print(
+                f"    per extra message, service / bare grpc.aio: "
+                f"{s['marginal_us_per_message'] / f['marginal_us_per_message']:.2f}x "
+                f"(1.0: the service adds nothing per client beyond the transport's send)"
+            )
 
 
 async def run(seconds: float, rounds: int, clients: int, live_events: int, floor: bool) -> dict[str, Any]:
