@@ -110,7 +110,8 @@ async def test_a_pass_s_recheck_reaches_another_replica_s_build(client: Client) 
     """The days a pass names are stored with the pass, not kept by its replica: when that
     replica dies before its build, another replica's build remakes the old hour."""
     preagg = analytics_app().state(client.app).business.preagg
-    assert preagg._pool is not None
+    pool = client.app.pool
+    assert pool is not None
     old = floor_hour(datetime.now(UTC)) - 50 * HOUR
     await client.events("u1", old + timedelta(minutes=5), session="a")
     await preagg.run_once()
@@ -118,7 +119,7 @@ async def test_a_pass_s_recheck_reaches_another_replica_s_build(client: Client) 
     await client.events("u2", old + timedelta(minutes=6), session="b")
     assert old.date() in (await preagg.run_once()).changed_days  # ... and this replica dies here
 
-    other = Preaggregator(preagg._pool, client.app.schema, retention_days=preagg.retention_days)
+    other = Preaggregator(pool, client.app.schema, retention_days=preagg.retention_days)
     assert await other.build_sketches() == 1
     week = await dashboard(client, "7d")
     assert (week.engagement.sessions, week.engagement.users) == (2, 2)
